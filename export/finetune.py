@@ -265,7 +265,7 @@ def train(cfg: FinetuneConfig, *, resume: bool = False) -> Path:
             lv = float(loss.detach())
             ema_loss = lv if ema_loss is None else 0.98 * ema_loss + 0.02 * lv
             rate = seen_windows / (time.time() - t_start)
-            bar.set_postfix(loss=f"{ema_loss:.3f}", win_s=f"{rate:.1f}", lr=f"{sched.get_last_lr()[0]:.2e}", ep=epoch)
+            bar.set_postfix(loss=f"{ema_loss:.3f}", win_s=f"{rate:.1f}", lr=f"{sched.get_last_lr()[0]:.2e}", ep=epoch, refresh=False)
             bar.update(1)
             if step % 50 == 0:
                 log.info("step %d/%d epoch %d loss %.4f windows/s %.1f lr %.3e", step, total, epoch, ema_loss, rate, sched.get_last_lr()[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +20,16 @@ class SquadExample:
     is_impossible: bool = False
 
 
+def read_squad_json(path: str | Path) -> dict:
+    """The parsed SQuAD JSON document; ``.gz`` files are decompressed on the fly."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return json.load(f)
+
+
 def load_squad(path: str | Path) -> list[SquadExample]:
-    """Flatten a SQuAD JSON file into examples, in file order."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)["data"]
+    """Flatten a SQuAD JSON file (optionally gzipped) into examples, in file order."""
+    data = read_squad_json(path)["data"]
     out: list[SquadExample] = []
     for article in data:
         for para in article["paragraphs"]:

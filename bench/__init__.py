@@ -1,0 +1,1 @@
+"""SpanRT benchmarks: `python -m bench` (throughput, latency, accuracy against the peers) and tools."""
