@@ -311,6 +311,9 @@ def _latest_checkpoint(out: Path) -> Path | None:
 
 
 def _setup_logging(path: Path) -> None:
+    for old in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+        log.removeHandler(old)
+        old.close()
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
