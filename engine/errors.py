@@ -21,3 +21,7 @@ class BackendUnavailableError(SpanRTError):
 
 class EngineClosedError(SpanRTError, RuntimeError):
     """The Engine was closed; create a new one."""
+
+
+class UnknownOptionError(InvalidInputError, TypeError):
+    """An option name the runtime does not know was passed (a typo, or a pipeline-only option)."""

@@ -1,0 +1,513 @@
+"""The runtime's public face: ``answer(question, context)`` and ``Engine``.
+
+One call flows one way: validate -> tokenize (engine.preprocess) -> windows sorted by length and
+padded per batch (engine.batcher) -> backend -> span search (engine.decode, C++ or CUDA) ->
+answers (engine.postprocess). Questions are processed in groups of ``GROUP_SIZE`` and windows in
+batches of ``max_batch_size``, so memory stays bounded for 10,000 questions or a 1 MB context.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+from engine.backends import BACKENDS, open_backend
+from engine.batcher import WindowTable, build_batch, plan_batches
+from engine.bundle import PRECISIONS, Bundle, load_bundle
+from engine.errors import EngineClosedError, InvalidInputError, UnknownOptionError
+from engine.postprocess import Answer, Candidates, collect, finalize
+from engine.preprocess import DEFAULT_MAX_QUESTION_LEN, Example, TextEncoder, make_example
+
+__all__ = ["Answer", "Engine", "QAPipeline", "answer", "pipeline"]
+
+logger = logging.getLogger("engine")
+
+GROUP_SIZE = 256  # questions tokenized and answered together (bounds memory for huge calls)
+MAX_TOP_K = 1000  # more answers than this per question is a mistake, not a request
+DEFAULT_MAX_ANSWER_LEN = 30
+DEFAULT_MAX_BATCH_SIZE = 32
+STAGES = ("tokenize", "model", "decode")
+
+# Options with the Hugging Face pipeline's names that mean something else (or nothing) here.
+_HF_HINTS = {
+    "topk": "use top_k (the pipeline's deprecated alias is not accepted)",
+    "padding": "windows are always padded to the longest window of their batch; remove it",
+    "X": "pass question= and context=",
+    "data": "pass question= and context=",
+}
+
+QuestionArg = Union[str, Sequence[str]]
+Result = Union[Answer, list[Answer]]
+
+
+def _check_text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        hint = " (decode it first: value.decode('utf-8'))" if isinstance(value, (bytes, bytearray)) else ""
+        raise InvalidInputError(f"{what} must be a str, got {type(value).__name__}{hint}")
+    if not value or value.isspace():
+        raise InvalidInputError(f"{what} is empty or only whitespace; pass text to answer from")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidInputError(
+                f"{what} holds a lone surrogate ({value[e.start]!r} at index {e.start}): not valid Unicode text. Decode "
+                "the source as UTF-8 (or JSON with surrogate pairs intact), or clean it with "
+                "s.encode('utf-8', 'replace').decode('utf-8')") from None
+    return value
+
+
+def _as_list(value: Any, what: str) -> list[Any] | None:
+    """``value`` as a list when it is a list/tuple of items, None when it is a single item."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, (str, bytes, bytearray)) or value is None or isinstance(value, (int, float)):
+        return None
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        return value.tolist()
+    raise InvalidInputError(f"{what} must be a str or a list of str, got {type(value).__name__}")
+
+
+def normalize_inputs(question: Any, context: Any) -> tuple[list[str], list[str], bool]:
+    """(questions, contexts, single): lists of equal length, every item a usable str.
+
+    A single context with a list of questions (or the reverse) is broadcast, as in the pipeline.
+    """
+    qs, cs = _as_list(question, "question"), _as_list(context, "context")
+    single = qs is None and cs is None
+    if qs is None and cs is None:
+        qs, cs = [question], [context]
+    elif qs is None:
+        qs = [question] * len(cs)  # type: ignore[arg-type]
+    elif cs is None:
+        cs = [context] * len(qs)
+    elif len(qs) != len(cs):
+        raise InvalidInputError(f"got {len(qs)} questions and {len(cs)} contexts; pass lists of the same length "
+                                "(or one context for all questions)")
+    for i, q in enumerate(qs):  # type: ignore[arg-type]
+        _check_text(q, "question" if single else f"question[{i}]")
+    for i, c in enumerate(cs):  # type: ignore[arg-type]
+        _check_text(c, "context" if single else f"context[{i}]")
+    return qs, cs, single  # type: ignore[return-value]
+
+
+def _int_option(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise InvalidInputError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise InvalidInputError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def _bool_option(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidInputError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+class Options:
+    """Validated answering options of one call (names as in the Hugging Face pipeline)."""
+
+    __slots__ = ("align_to_words", "doc_stride", "handle_impossible", "max_answer_len", "max_question_len",
+                 "max_seq_len", "null_threshold", "top_k")
+
+    def __init__(self, engine_max_seq_len: int, num_special: int, *, top_k: Any, max_answer_len: Any, handle_impossible: Any,
+                 handle_impossible_answer: Any, null_threshold: Any, doc_stride: Any, max_seq_len: Any,
+                 max_question_len: Any, align_to_words: Any, unknown: dict[str, Any]) -> None:
+        if unknown:
+            hints = "; ".join(f"{k}: {_HF_HINTS[k]}" for k in unknown if k in _HF_HINTS)
+            raise UnknownOptionError(
+                f"unknown option(s) {', '.join(sorted(unknown))}" + (f" ({hints})" if hints else "")
+                + "; known: top_k, max_answer_len, handle_impossible (or handle_impossible_answer), null_threshold, "
+                "doc_stride, max_seq_len, max_question_len, align_to_words")
+        self.top_k = _int_option("top_k", top_k, 1, MAX_TOP_K)
+        self.max_answer_len = _int_option("max_answer_len", max_answer_len, 1)
+        hi = _bool_option("handle_impossible", handle_impossible)
+        if handle_impossible_answer is not None:
+            hia = _bool_option("handle_impossible_answer", handle_impossible_answer)
+            if handle_impossible and not hia:
+                raise InvalidInputError("handle_impossible=True and handle_impossible_answer=False disagree; pass one of them")
+            hi = hia
+        self.handle_impossible = hi
+        if isinstance(null_threshold, (bool, np.bool_)) or not isinstance(null_threshold, (int, float, np.floating, np.integer)) \
+                or not math.isfinite(float(null_threshold)):
+            raise InvalidInputError(f"null_threshold must be a finite number, got {null_threshold!r}")
+        self.null_threshold = float(null_threshold)
+        self.max_seq_len = engine_max_seq_len if max_seq_len is None else _int_option(
+            "max_seq_len", max_seq_len, num_special + 2, engine_max_seq_len)
+        self.doc_stride = None if doc_stride is None else _int_option("doc_stride", doc_stride, 0)
+        self.max_question_len = _int_option("max_question_len", max_question_len, 1)
+        self.align_to_words = _bool_option("align_to_words", align_to_words)
+
+
+class Engine:
+    """A loaded bundle on one backend: tokenizer, model session and decoder, ready to answer.
+
+    ``backend``: "auto" (TensorRT, then ONNX Runtime CUDA, then ONNX Runtime CPU: the first that
+    can run; the choice is logged and kept in ``backend_notes``), or one of "onnxruntime",
+    "onnxruntime-cuda", "tensorrt", "torch", "torch-cuda" (an error when it cannot run).
+    ``precision``: None for the backend's default (CPU: int8 when the bundle has it, GPU: fp16).
+    ``threads``: intra-op threads, default the CPU cores this process may use.
+    One Engine is safe to share between threads; ``close()`` (or ``with``) frees it.
+    """
+
+    def __init__(self, bundle: str | os.PathLike[str] | Bundle, *, backend: str = "auto", precision: str | None = None,
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, threads: int | None = None, device_id: int = 0) -> None:
+        if not isinstance(backend, str) or backend not in ("auto", *BACKENDS):
+            raise InvalidInputError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}, got {backend!r}")
+        if precision is not None and precision not in PRECISIONS:
+            raise InvalidInputError(f"precision must be None or one of {', '.join(PRECISIONS)}, got {precision!r}")
+        max_batch_size = _int_option("max_batch_size", max_batch_size, 1, 4096)
+        if threads is not None:
+            threads = _int_option("threads", threads, 1, 1024)
+        device_id = _int_option("device_id", device_id, 0)
+        if isinstance(bundle, Bundle):
+            self.bundle = bundle
+        elif isinstance(bundle, (str, os.PathLike)):
+            self.bundle = load_bundle(bundle)
+        else:
+            raise InvalidInputError(f"bundle must be a bundle folder path or an engine.bundle.Bundle, got {type(bundle).__name__}")
+        self._encoder = TextEncoder(self.bundle.tokenizer_path)
+        self._template = self._encoder.template
+        self._backend, self.backend_notes = open_backend(self.bundle, backend, precision, threads=threads, device_id=device_id)
+        limit = self._backend.max_batch_size
+        self.max_batch_size = min(max_batch_size, limit) if limit else max_batch_size
+        self.max_seq_len = min(self.bundle.max_seq_len, self._backend.max_seq_len or self.bundle.max_seq_len)
+        self._pad_id = self.bundle.pad_token_id
+        from engine.decode import span_search  # the C++/CUDA decoder (engine._kernels)
+
+        self._span_search = span_search
+        self._state = threading.Condition()
+        self._active = 0
+        self._closed = False
+        self._stage_lock = threading.Lock()
+        self._stages = dict.fromkeys(STAGES, 0.0)
+        logger.info("spanrt engine: %s on %s %s (%s)", self.bundle.root, self.backend, self.precision, self._backend.details)
+
+    # ---- properties ---------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        """The backend that runs the model, e.g. "onnxruntime"."""
+        return self._backend.name
+
+    @property
+    def precision(self) -> str:
+        """The model precision that runs: "fp32", "fp16" or "int8"."""
+        return self._backend.precision
+
+    @property
+    def device(self) -> str:
+        """Where the model runs: "cpu" or "cuda"."""
+        return self._backend.device
+
+    @property
+    def backend_details(self) -> dict[str, Any]:
+        """What the backend actually uses (provider, threads, file, versions)."""
+        return dict(self._backend.details)
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` was called."""
+        return self._closed
+
+    # ---- answering ----------------------------------------------------------------------------
+    def answer(self, question: QuestionArg, context: QuestionArg, *, top_k: int = 1,
+               max_answer_len: int = DEFAULT_MAX_ANSWER_LEN, handle_impossible: bool = False,
+               handle_impossible_answer: bool | None = None, null_threshold: float = 0.0, doc_stride: int | None = None,
+               max_seq_len: int | None = None, max_question_len: int = DEFAULT_MAX_QUESTION_LEN,
+               align_to_words: bool = True, **unknown: Any) -> Result | list[Result]:
+        """Answer one question (an ``Answer``, or a list of up to ``top_k`` when top_k > 1) or lists of
+        questions/contexts (a list of those), as the Hugging Face pipeline shapes its results.
+
+        Options keep the pipeline's names and meanings except: max_answer_len defaults to 30 tokens
+        (the pipeline: 15), questions longer than max_question_len tokens are truncated (with a
+        warning in ``Answer.warnings``), and ``null_threshold`` shifts the null answer's rank.
+        """
+        questions, contexts, single = normalize_inputs(question, context)
+        opts = Options(self.max_seq_len, self._template.num_special, top_k=top_k, max_answer_len=max_answer_len,
+                       handle_impossible=handle_impossible, handle_impossible_answer=handle_impossible_answer,
+                       null_threshold=null_threshold, doc_stride=doc_stride, max_seq_len=max_seq_len,
+                       max_question_len=max_question_len, align_to_words=align_to_words, unknown=unknown)
+        ranked = self._answer_all(questions, contexts, opts, single)
+        shaped: list[Result] = [r[0] if opts.top_k == 1 else r for r in ranked]
+        return shaped[0] if single else shaped
+
+    def answer_batch(self, questions: Sequence[str], contexts: Sequence[str] | str, *, top_k: int = 1,
+                     max_answer_len: int = DEFAULT_MAX_ANSWER_LEN, handle_impossible: bool = False,
+                     handle_impossible_answer: bool | None = None, null_threshold: float = 0.0, doc_stride: int | None = None,
+                     max_seq_len: int | None = None, max_question_len: int = DEFAULT_MAX_QUESTION_LEN,
+                     align_to_words: bool = True, **unknown: Any) -> list[list[Answer]]:
+        """Answer many questions in one call: per question, its answers best first (up to top_k).
+
+        Same options as ``answer``; windows of all questions are batched together.
+        """
+        if not isinstance(questions, (list, tuple)):
+            raise InvalidInputError(f"questions must be a list of str, got {type(questions).__name__}")
+        qs, cs, _ = normalize_inputs(list(questions), contexts if isinstance(contexts, str) else _as_list(contexts, "contexts"))
+        opts = Options(self.max_seq_len, self._template.num_special, top_k=top_k, max_answer_len=max_answer_len,
+                       handle_impossible=handle_impossible, handle_impossible_answer=handle_impossible_answer,
+                       null_threshold=null_threshold, doc_stride=doc_stride, max_seq_len=max_seq_len,
+                       max_question_len=max_question_len, align_to_words=align_to_words, unknown=unknown)
+        return self._answer_all(qs, cs, opts, False)
+
+    def warmup(self) -> None:
+        """Run a one-window call and a full batch once, so the first real call pays no set-up."""
+        context = "SpanRT answers questions from a context. " * 8
+        self.answer("What does SpanRT answer?", context)
+        self.answer_batch(["What does SpanRT answer?"] * self.max_batch_size, context)
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Seconds spent in tokenize (and batch building) / model / decode (and post-processing)."""
+        with self._stage_lock:
+            return dict(self._stages)
+
+    def reset_stage_seconds(self) -> None:
+        """Zero the stage counters."""
+        with self._stage_lock:
+            self._stages = dict.fromkeys(STAGES, 0.0)
+
+    def close(self) -> None:
+        """Stop accepting calls, wait for calls in flight to stop (at their next batch), free the model."""
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+            while self._active:
+                self._state.wait()
+        self._backend.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Engine({str(self.bundle.root)!r}, backend={self.backend!r}, precision={self.precision!r})"
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _enter(self) -> None:
+        with self._state:
+            if self._closed:
+                raise EngineClosedError("this Engine was closed; create a new Engine to answer more questions")
+            self._active += 1
+
+    def _leave(self) -> None:
+        with self._state:
+            self._active -= 1
+            self._state.notify_all()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosedError("this Engine was closed while the call was running; create a new Engine and ask again")
+
+    def _add_stages(self, tokenize: float, model: float, decode: float) -> None:
+        with self._stage_lock:
+            s = self._stages
+            s["tokenize"] += tokenize
+            s["model"] += model
+            s["decode"] += decode
+
+    def _answer_all(self, questions: list[str], contexts: list[str], opts: Options, single: bool) -> list[list[Answer]]:
+        self._enter()
+        try:
+            out: list[list[Answer]] = []
+            for lo in range(0, len(questions), GROUP_SIZE):
+                out.extend(self._answer_group(questions[lo : lo + GROUP_SIZE], contexts[lo : lo + GROUP_SIZE], opts, lo, single))
+            return out
+        finally:
+            self._leave()
+
+    def _prepare(self, questions: list[str], contexts: list[str], opts: Options, offset: int, single: bool) -> list[Example]:
+        unique: dict[str, int] = {}
+        for c in contexts:
+            unique.setdefault(c, len(unique))
+        q_ids, encoded = self._encoder.encode(questions, list(unique))
+        examples = []
+        for i, (q, c) in enumerate(zip(q_ids, contexts)):
+            ctx = encoded[unique[c]]
+            if len(q) == 0:
+                raise InvalidInputError(f"{'question' if single else f'question[{offset + i}]'} has no tokens the model "
+                                        "knows (only control or unknown characters); pass a question in words")
+            if len(ctx.ids) == 0:
+                raise InvalidInputError(f"{'context' if single else f'context[{offset + i}]'} has no tokens the model "
+                                        "knows (only control or unknown characters); pass a context in words")
+            examples.append(make_example(self._template, q, ctx, max_seq_len=opts.max_seq_len,
+                                         max_question_len=opts.max_question_len, doc_stride=opts.doc_stride))
+        return examples
+
+    def _answer_group(self, questions: list[str], contexts: list[str], opts: Options, offset: int,
+                      single: bool) -> list[list[Answer]]:
+        t0 = time.perf_counter()
+        examples = self._prepare(questions, contexts, opts, offset, single)
+        table = WindowTable.from_examples(examples, self._template)
+        context_pos = np.asarray([e.context_pos for e in examples], dtype=np.int64)[table.example]
+        candidates = [Candidates() for _ in examples]
+        backend = self._backend
+        # With align_to_words, candidates that snap to the same words merge: look further down.
+        k = opts.top_k * 2 + 10 if opts.align_to_words else opts.top_k
+        tokenize_s = time.perf_counter() - t0
+        model_s = decode_s = 0.0
+        for rows in plan_batches(table.length, self.max_batch_size):
+            self._check_open()
+            t0 = time.perf_counter()
+            batch = build_batch(examples, table, rows, self._template, self._pad_id)
+            feeds = batch.feeds(backend.input_names, backend.input_dtypes)
+            t1 = time.perf_counter()
+            tokenize_s += t1 - t0
+            decode_t = [0.0]
+
+            def consume(start: Any, end: Any, stream: int | None, batch: Any = batch, decode_t: list[float] = decode_t) -> Any:
+                t = time.perf_counter()
+                mask = batch.context_mask if backend.device == "cpu" else backend.to_device(batch.context_mask)
+                result = self._span_search(start, end, mask, max_answer_len=min(opts.max_answer_len, start.shape[1]),
+                                           top_k=k, return_lse=True, return_null=opts.handle_impossible, stream=stream)
+                decode_t[0] += time.perf_counter() - t
+                return result
+
+            result = backend.run(feeds, consume)
+            t2 = time.perf_counter()
+            collect(candidates, table.example, table.start, rows, context_pos[rows], *_host(result, opts.handle_impossible))
+            t3 = time.perf_counter()
+            model_s += (t2 - t1) - decode_t[0]
+            decode_s += decode_t[0] + (t3 - t2)
+        t0 = time.perf_counter()
+        answers = []
+        for ex, cand in zip(examples, candidates):
+            ranked = finalize(ex, cand, top_k=opts.top_k, align_to_words=opts.align_to_words,
+                              handle_impossible=opts.handle_impossible, null_threshold=opts.null_threshold,
+                              backend=backend.name, precision=backend.precision)
+            if not ranked:  # no token span has characters: nothing to point at
+                ranked = [Answer("", 0, 0, 0.0, backend.name, backend.precision, True,
+                                 (*ex.warnings, "no span of the context could be an answer"))]
+            answers.append(ranked)
+        decode_s += time.perf_counter() - t0
+        self._add_stages(tokenize_s, model_s, decode_s)
+        return answers
+
+
+def _host(result: Any, with_null: bool) -> tuple[np.ndarray, ...]:
+    """span_search's outputs as host NumPy arrays: spans, scores, start_lse, end_lse, null scores."""
+    arrays = [result.spans, result.scores, result.start_lse, result.end_lse, result.null_scores if with_null else None]
+    return tuple(None if a is None else np.asarray(a) for a in arrays)  # type: ignore[return-value]
+
+
+# ---- the module-level function ------------------------------------------------------------------
+_engines: dict[tuple[str, str, str | None], Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def _engine_for(model: Any, backend: str, precision: str | None) -> Engine:
+    if isinstance(model, Engine):
+        if backend != "auto" or precision is not None:
+            raise InvalidInputError("backend and precision are set when an Engine is created; do not pass them with model=Engine")
+        return model
+    if model is None:
+        from engine.default_model import default_bundle
+
+        model = default_bundle()
+    if not isinstance(model, (str, os.PathLike)):
+        raise InvalidInputError(f"model must be None (the default model), a bundle folder or an Engine, got {type(model).__name__}")
+    key = (str(Path(model).resolve()), backend, precision)
+    with _engines_lock:
+        eng = _engines.get(key)
+        if eng is None or eng.closed:
+            eng = _engines[key] = Engine(model, backend=backend, precision=precision)
+        return eng
+
+
+def answer(question: QuestionArg, context: QuestionArg, *, model: str | os.PathLike[str] | Engine | None = None,
+           backend: str = "auto", precision: str | None = None, top_k: int = 1,
+           max_answer_len: int = DEFAULT_MAX_ANSWER_LEN, handle_impossible: bool = False,
+           handle_impossible_answer: bool | None = None, null_threshold: float = 0.0, doc_stride: int | None = None,
+           max_seq_len: int | None = None, max_question_len: int = DEFAULT_MAX_QUESTION_LEN, align_to_words: bool = True,
+           **unknown: Any) -> Result | list[Result]:
+    """Answer question(s) from context(s) with ``model``: None for the embedded default model, a
+    bundle folder (its Engine is loaded once and reused) or an ``Engine``. See ``Engine.answer``."""
+    eng = _engine_for(model, backend, precision)
+    return eng.answer(question, context, top_k=top_k, max_answer_len=max_answer_len, handle_impossible=handle_impossible,
+                      handle_impossible_answer=handle_impossible_answer, null_threshold=null_threshold,
+                      doc_stride=doc_stride, max_seq_len=max_seq_len, max_question_len=max_question_len,
+                      align_to_words=align_to_words, **unknown)
+
+
+def _as_dicts(result: Any) -> Any:
+    if isinstance(result, Answer):
+        return result.to_dict()
+    dicts = [_as_dicts(r) for r in result]
+    return dicts
+
+
+class QAPipeline:
+    """A stand-in for transformers' ``pipeline("question-answering")``: same call, same dicts.
+
+    Results follow the pipeline's shapes, quirks included: one dict for one answer, a list of
+    dicts for top_k > 1 (a single dict when only one answer exists), a list per question for lists.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def __call__(self, *args: Any, question: Any = None, context: Any = None, **options: Any) -> Any:
+        """Answer like the pipeline: ``qa(question=..., context=...)``, ``qa(q, c)`` or ``qa({"question": q, "context": c})``."""
+        if args:
+            if question is not None or context is not None:
+                raise InvalidInputError("pass question/context either positionally or by name, not both")
+            if len(args) == 2:
+                question, context = args
+            elif len(args) == 1 and isinstance(args[0], dict):
+                question, context = _from_dict(args[0])
+            elif len(args) == 1 and isinstance(args[0], (list, tuple)) and all(isinstance(a, dict) for a in args[0]):
+                pairs = [_from_dict(a) for a in args[0]]
+                question, context = [p[0] for p in pairs], [p[1] for p in pairs]
+            else:
+                raise InvalidInputError("pass question= and context= (or a {'question': ..., 'context': ...} dict)")
+        if question is None or context is None:
+            raise InvalidInputError("both question and context are required")
+        result = self.engine.answer(question, context, **options)
+        top_k = options.get("top_k", 1)
+        if isinstance(question, (list, tuple)) or isinstance(context, (list, tuple)):
+            return [_pipeline_shape(_as_dicts(r), top_k) for r in result]  # type: ignore[union-attr]
+        return _pipeline_shape(_as_dicts(result), top_k)
+
+    def close(self) -> None:
+        """Close the underlying Engine."""
+        self.engine.close()
+
+
+def _from_dict(item: dict[str, Any]) -> tuple[Any, Any]:
+    if "question" not in item or "context" not in item:
+        raise InvalidInputError("an input dict needs the keys 'question' and 'context'")
+    return item["question"], item["context"]
+
+
+def _pipeline_shape(dicts: Any, top_k: int) -> Any:
+    if top_k != 1 and isinstance(dicts, list) and len(dicts) == 1:
+        return dicts[0]  # the pipeline returns a bare dict when only one answer exists
+    return dicts
+
+
+def pipeline(task: str = "question-answering", model: str | os.PathLike[str] | Engine | None = None, *,
+             backend: str = "auto", precision: str | None = None, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+             threads: int | None = None) -> QAPipeline:
+    """The one-line migration from ``transformers.pipeline("question-answering", model=...)``:
+    ``model`` is a SpanRT bundle folder (``python -m export CHECKPOINT``), None for the default model."""
+    if task != "question-answering":
+        raise InvalidInputError(f"SpanRT serves the 'question-answering' task only, not {task!r}")
+    if isinstance(model, Engine):
+        return QAPipeline(model)
+    if model is None:
+        from engine.default_model import default_bundle
+
+        model = default_bundle()
+    return QAPipeline(Engine(model, backend=backend, precision=precision, max_batch_size=max_batch_size, threads=threads))

@@ -1,0 +1,76 @@
+"""Model backends, one module each, imported only when asked for.
+
+``open_backend(bundle, "auto")`` tries TensorRT, then ONNX Runtime CUDA, then ONNX Runtime CPU and
+records why each faster one was skipped; any explicitly named backend or precision that cannot run
+raises BackendUnavailableError (never a quiet substitution). The torch backend is a reference and
+is never picked by "auto".
+"""
+
+from __future__ import annotations
+
+import logging
+
+from engine.backends.base import Backend, default_threads
+from engine.bundle import Bundle
+from engine.errors import BackendUnavailableError, BundleError
+
+BACKENDS = ("onnxruntime", "onnxruntime-cuda", "tensorrt", "torch", "torch-cuda")
+AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "onnxruntime")
+
+logger = logging.getLogger("engine")
+
+__all__ = ["AUTO_ORDER", "BACKENDS", "Backend", "default_threads", "open_backend"]
+
+
+def _open_one(name: str, bundle: Bundle, precision: str | None, threads: int | None, device_id: int) -> Backend:
+    if name == "onnxruntime":
+        from engine.backends.onnxruntime_cpu import OnnxRuntimeCPU
+
+        return OnnxRuntimeCPU(bundle, precision, threads=threads)
+    if name == "onnxruntime-cuda":
+        from engine.backends.onnxruntime_cuda import OnnxRuntimeCUDA
+
+        return OnnxRuntimeCUDA(bundle, precision, threads=threads, device_id=device_id)
+    if name == "tensorrt":
+        from engine.backends.tensorrt import TensorRT
+
+        return TensorRT(bundle, precision, threads=threads, device_id=device_id)
+    if name in ("torch", "torch-cuda"):
+        from engine.backends.torch import TorchBackend
+
+        return TorchBackend(bundle, precision, threads=threads, device="cuda" if name == "torch-cuda" else "cpu", device_id=device_id)
+    raise BackendUnavailableError(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}")
+
+
+def open_backend(bundle: Bundle, backend: str = "auto", precision: str | None = None, *,
+                 threads: int | None = None, device_id: int = 0) -> tuple[Backend, tuple[str, ...]]:
+    """The loaded backend and, for "auto", why each faster backend was skipped (also logged)."""
+    if backend != "auto":
+        return _open_one(backend, bundle, precision, threads, device_id), ()
+    skipped: list[str] = []
+    for name in AUTO_ORDER:
+        if precision is not None and precision not in _precisions_of(name, bundle):
+            skipped.append(f"{name}: bundle has no {precision} model for it")
+            continue
+        try:
+            chosen = _open_one(name, bundle, precision, threads, device_id)
+        except BackendUnavailableError as e:
+            skipped.append(f"{name}: {e}")
+            logger.info("spanrt auto backend: skipping %s: %s", name, e)
+            continue
+        except BundleError as e:
+            if name != "tensorrt":
+                raise
+            # A plan for another GPU or TensorRT version: "auto" moves on, loudly; asking for
+            # backend="tensorrt" explicitly raises this BundleError.
+            skipped.append(f"{name}: {e}")
+            logger.warning("spanrt auto backend: skipping %s: %s", name, e)
+            continue
+        logger.info("spanrt auto backend: using %s (%s)", chosen.name, chosen.precision)
+        return chosen, tuple(skipped)
+    raise BackendUnavailableError("no backend can run this bundle here:\n  " + "\n  ".join(skipped))
+
+
+def _precisions_of(name: str, bundle: Bundle) -> tuple[str, ...]:
+    fmt = "tensorrt" if name == "tensorrt" else "onnx"
+    return bundle.precisions(fmt)

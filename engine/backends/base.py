@@ -1,0 +1,77 @@
+"""The common interface of the model backends, and what they share.
+
+A backend turns padded token arrays into start/end logits. It hands the logits (host NumPy arrays,
+or device arrays exposing ``__cuda_array_interface__``) to a ``consume`` callback while they are
+valid, so GPU backends can keep them on the device for the CUDA decoder and reuse their buffers
+afterwards. Each backend lives in its own module and imports its packages lazily.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import numpy as np
+
+from engine.bundle import Artifact, Bundle
+from engine.errors import BackendUnavailableError, BundleError
+
+T = TypeVar("T")
+
+# consume(start_logits, end_logits, stream): stream is the CUDA stream (an int, the
+# __cuda_array_interface__ convention) the logits were produced on, or None for host arrays.
+Consume = Callable[[Any, Any, "int | None"], T]
+
+
+def default_threads() -> int:
+    """Intra-op threads when none are given: the CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class Backend(abc.ABC):
+    """One loaded model on one runtime; ``run`` is safe to call from several threads at once."""
+
+    name: str  # "onnxruntime", "onnxruntime-cuda", "tensorrt", "torch", "torch-cuda"
+    precision: str  # "fp32", "fp16", "int8"
+    device: str  # "cpu" or "cuda"
+    input_names: tuple[str, ...]
+    input_dtypes: dict[str, np.dtype]
+    max_batch_size: int | None = None  # a hard limit of the model (TensorRT profiles), else None
+    max_seq_len: int | None = None
+    details: dict[str, Any]  # what was actually used: provider, threads, file ... (recorded, logged)
+
+    @abc.abstractmethod
+    def run(self, feeds: Mapping[str, np.ndarray], consume: Consume[T]) -> T:
+        """Run the model on ``feeds`` ([B, S] arrays by input name) and return ``consume``'s result."""
+
+    def to_device(self, array: np.ndarray) -> Any:
+        """``array`` where this backend's logits live (host backends return it unchanged)."""
+        return array
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free the model and its buffers; the backend is unusable afterwards."""
+
+
+def require_artifact(bundle: Bundle, fmt: str, precision: str, backend: str) -> Artifact:
+    """The bundle's artifact for this backend, or a BackendUnavailableError naming what exists."""
+    art = bundle.find(fmt, precision)
+    if art is None:
+        have = ", ".join(bundle.precisions(fmt)) or "none"
+        raise BackendUnavailableError(
+            f"backend {backend!r} needs a {fmt} {precision} model, but bundle {bundle.root} has {fmt} precisions: {have}. "
+            f"Pick one of those precisions, or export the bundle again with {precision} (python -m export ...)")
+    return art
+
+
+def onnx_numpy_dtype(type_str: str) -> np.dtype:
+    """NumPy dtype of an ONNX tensor type string such as 'tensor(int64)'."""
+    table = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32, "tensor(float16)": np.float16}
+    if type_str not in table:
+        raise BundleError(f"model input/output type {type_str} is not supported (int64, int32, float, float16 are). "
+                          "Fix: export the bundle again with python -m export")
+    return np.dtype(table[type_str])

@@ -1,0 +1,103 @@
+"""ONNX Runtime on the CPU: the default backend (INT8 when the bundle has it, else FP32).
+
+Session settings are explicit: intra-op threads (default: the cores this process may use), one
+inter-op thread with sequential execution (a BERT graph is a chain; parallel branches only add
+scheduling), and every graph optimization ONNX Runtime has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from engine.backends.base import Backend, Consume, T, default_threads, onnx_numpy_dtype, require_artifact
+from engine.bundle import Artifact, Bundle
+from engine.errors import BackendUnavailableError, BundleError
+
+PRECISIONS = ("int8", "fp32")
+
+
+def import_onnxruntime() -> Any:
+    """The onnxruntime module, or BackendUnavailableError saying how to install it."""
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise BackendUnavailableError(f"onnxruntime is not installed ({e}); install it with: pip install onnxruntime") from e
+    return onnxruntime
+
+
+def default_precision(bundle: Bundle) -> str:
+    """INT8 when the bundle has an INT8 ONNX model, else FP32."""
+    have = bundle.precisions("onnx")
+    for p in PRECISIONS:
+        if p in have:
+            return p
+    raise BackendUnavailableError(f"bundle {bundle.root} has no ONNX model for the CPU (needs int8 or fp32; has {have or 'none'})")
+
+
+def session_options(ort: Any, threads: int) -> Any:
+    """The SessionOptions every SpanRT ONNX Runtime session uses."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3  # errors only: ORT's warnings are not ours to print
+    return so
+
+
+def open_session(ort: Any, artifact: Artifact, so: Any, providers: list[Any]) -> Any:
+    """An InferenceSession on ``artifact``; a file ONNX Runtime cannot load is a BundleError."""
+    try:
+        return ort.InferenceSession(str(artifact.path), sess_options=so, providers=providers)
+    except Exception as e:  # onnxruntime raises its own pybind exception types (Fail, InvalidGraph, ...)
+        if "provider" in str(e).lower() or "cuda" in str(e).lower():
+            raise BackendUnavailableError(f"ONNX Runtime could not start {providers[0]} for {artifact.path.name}: {e}") from e
+        raise BundleError(f"bundle {artifact.path.parent}: {artifact.path.name}: ONNX Runtime cannot load it ({type(e).__name__}: {e}). "
+                          "Fix: export the bundle again with python -m export") from e
+
+
+def check_io(session: Any, bundle: Bundle, artifact: Artifact) -> dict[str, np.dtype]:
+    """The session's input dtypes; inputs/outputs that differ from the manifest are a BundleError."""
+    names = tuple(i.name for i in session.get_inputs())
+    outs = tuple(o.name for o in session.get_outputs())
+    if set(names) != set(bundle.input_names) or not {"start_logits", "end_logits"} <= set(outs):
+        raise BundleError(f"bundle {bundle.root}: {artifact.path.name} has inputs {names} and outputs {outs}, the manifest says "
+                          f"{bundle.input_names} -> {bundle.output_names}. Fix: export the bundle again")
+    return {i.name: onnx_numpy_dtype(i.type) for i in session.get_inputs()}
+
+
+class OnnxRuntimeCPU(Backend):
+    """ONNX Runtime CPUExecutionProvider on an int8 or fp32 ONNX model of the bundle."""
+
+    name = "onnxruntime"
+    device = "cpu"
+
+    def __init__(self, bundle: Bundle, precision: str | None = None, *, threads: int | None = None) -> None:
+        ort = import_onnxruntime()
+        precision = precision or default_precision(bundle)
+        if precision not in PRECISIONS:
+            raise BackendUnavailableError(
+                f"backend 'onnxruntime' (CPU) runs {' or '.join(PRECISIONS)}, not {precision}: "
+                f"use backend='onnxruntime-cuda' or 'tensorrt' for {precision} on a GPU")
+        artifact = require_artifact(bundle, "onnx", precision, self.name)
+        self.threads = threads or default_threads()
+        self.session = open_session(ort, artifact, session_options(ort, self.threads), ["CPUExecutionProvider"])
+        self.input_dtypes = check_io(self.session, bundle, artifact)
+        self.input_names = bundle.input_names
+        self.precision = precision
+        self.details = {"provider": self.session.get_providers()[0], "file": artifact.path.name, "intra_op_threads": self.threads,
+                        "inter_op_threads": 1, "execution_mode": "sequential", "graph_optimization": "all",
+                        "onnxruntime": ort.__version__}
+        self._outputs = ["start_logits", "end_logits"]
+
+    def run(self, feeds: Mapping[str, np.ndarray], consume: Consume[T]) -> T:
+        """Run the session (thread-safe in ONNX Runtime) and pass the host logits on."""
+        start, end = self.session.run(self._outputs, dict(feeds))
+        return consume(start, end, None)
+
+    def close(self) -> None:
+        """Drop the session."""
+        self.session = None

@@ -1,0 +1,90 @@
+"""Batching windows: sort by length, cut into batches of at most max_batch_size, pad each to its
+own longest window (never to max_seq_len), and build the model inputs and the context mask.
+
+Sorting by length keeps padding small: SQuAD windows range from ~60 to 384 tokens, and padding a
+batch of them to 384 wastes over half of the model's work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.preprocess import Example, Template
+
+
+@dataclass(frozen=True)
+class WindowTable:
+    """Every window of a group of examples, as parallel arrays (one entry per window)."""
+
+    example: np.ndarray  # int64, index into the examples
+    start: np.ndarray  # int64, first context token
+    stop: np.ndarray  # int64, one past the last context token
+    length: np.ndarray  # int64, tokens in the window, special tokens included
+
+    @classmethod
+    def from_examples(cls, examples: Sequence[Example], template: Template) -> WindowTable:
+        """Flatten the examples' windows, in example order."""
+        counts = [len(e.window_starts) for e in examples]
+        example = np.repeat(np.arange(len(examples), dtype=np.int64), counts)
+        start = np.concatenate([e.window_starts for e in examples])
+        stop = np.concatenate([e.window_stops for e in examples])
+        head = np.repeat(np.asarray([e.context_pos for e in examples], dtype=np.int64), counts)
+        length = head + (stop - start) + len(template.suffix)
+        return cls(example=example, start=start, stop=stop, length=length)
+
+    def __len__(self) -> int:
+        return len(self.example)
+
+
+def plan_batches(lengths: np.ndarray, max_batch_size: int) -> list[np.ndarray]:
+    """Window indices per batch: longest first (the allocator sees its peak once), at most
+    ``max_batch_size`` each, so every batch holds windows of similar length."""
+    order = np.argsort(-lengths, kind="stable")
+    return [order[i : i + max_batch_size] for i in range(0, len(order), max_batch_size)]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Model inputs for one batch plus what decoding needs to map positions back."""
+
+    windows: np.ndarray  # int64 [B], indices into the WindowTable
+    input_ids: np.ndarray  # [B, S]
+    attention_mask: np.ndarray  # [B, S]
+    token_type_ids: np.ndarray  # [B, S]
+    context_mask: np.ndarray  # bool [B, S], True on context tokens (answer candidates)
+
+    def feeds(self, input_names: Sequence[str], dtypes: dict[str, np.dtype]) -> dict[str, np.ndarray]:
+        """The inputs by the model's names, in the dtypes the model declares."""
+        arrays = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "token_type_ids": self.token_type_ids}
+        return {name: arrays[name].astype(dtypes.get(name, np.int64), copy=False) for name in input_names}
+
+
+def build_batch(
+    examples: Sequence[Example], table: WindowTable, windows: np.ndarray, template: Template, pad_token_id: int,
+) -> Batch:
+    """Pad the given windows to the longest of them and fill ids, types, attention and context mask."""
+    b = len(windows)
+    s = int(table.length[windows].max())
+    input_ids = np.full((b, s), pad_token_id, dtype=np.int64)
+    types = np.zeros((b, s), dtype=np.int64)
+    attention = np.zeros((b, s), dtype=np.int64)
+    cmask = np.zeros((b, s), dtype=bool)
+    suffix, suffix_types, ctype = template.suffix, template.suffix_types, template.context_type
+    for r, w in enumerate(windows.tolist()):
+        ex = examples[table.example[w]]
+        c0 = ex.context_pos
+        a, z = int(table.start[w]), int(table.stop[w])
+        c1 = c0 + z - a
+        end = c1 + len(suffix)
+        input_ids[r, :c0] = ex.head_ids
+        input_ids[r, c0:c1] = ex.context.ids[a:z]
+        input_ids[r, c1:end] = suffix
+        types[r, :c0] = ex.head_types
+        types[r, c0:c1] = ctype
+        types[r, c1:end] = suffix_types
+        attention[r, :end] = 1
+        cmask[r, c0:c1] = True
+    return Batch(windows=windows, input_ids=input_ids, attention_mask=attention, token_type_ids=types, context_mask=cmask)

@@ -1,0 +1,147 @@
+"""From decoded spans to answers: window positions -> character offsets, word alignment, merging
+across windows, top-k de-duplication and the null (impossible) answer.
+
+Scores are probabilities as in the Hugging Face pipeline: p_start(i) * p_end(j), each a softmax
+over the window's context tokens plus [CLS]. Each window is normalised on its own, so scores
+compare across windows. Candidates with the same text (case-insensitive, as the pipeline does)
+are merged: within a window their probabilities add up (different token spans that snap to the
+same words are the same answer), across windows the larger one is kept (the same span seen by
+two overlapping windows is one event, not two; the pipeline adds those too, which favours answers
+in the overlap).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from engine.preprocess import Example
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One answer: ``context[start:end] == text``; ``score`` is a probability in [0, 1].
+
+    The impossible (null) answer of ``handle_impossible=True`` has ``text == ""``,
+    ``start == end == 0`` and ``impossible=True``, as in the Hugging Face pipeline.
+    ``warnings`` holds what was changed on the way (a truncated question).
+    """
+
+    text: str
+    start: int
+    end: int
+    score: float
+    backend: str = ""
+    precision: str = ""
+    impossible: bool = False
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The Hugging Face question-answering pipeline's result: score, start, end, answer."""
+        return {"score": self.score, "start": self.start, "end": self.end, "answer": self.text}
+
+
+@dataclass
+class Candidates:
+    """The span candidates of one example's windows, in context-token coordinates."""
+
+    window: list[np.ndarray] = field(default_factory=list)
+    start: list[np.ndarray] = field(default_factory=list)
+    end: list[np.ndarray] = field(default_factory=list)
+    prob: list[np.ndarray] = field(default_factory=list)
+    null_prob: float = math.inf  # the smallest p_start[CLS] * p_end[CLS] over the windows
+
+    def add(self, window: int, start: np.ndarray, end: np.ndarray, prob: np.ndarray, null_prob: float | None) -> None:
+        """Record one window's valid candidates (best first) and its null probability."""
+        self.window.append(np.full(len(start), window, dtype=np.int64))
+        self.start.append(start)
+        self.end.append(end)
+        self.prob.append(prob)
+        if null_prob is not None and null_prob < self.null_prob:
+            self.null_prob = null_prob
+
+
+def collect(
+    candidates: list[Candidates],
+    example_of_window: np.ndarray,
+    window_start: np.ndarray,
+    windows: np.ndarray,
+    context_pos: np.ndarray,
+    spans: np.ndarray,
+    scores: np.ndarray,
+    start_lse: np.ndarray,
+    end_lse: np.ndarray,
+    null_scores: np.ndarray | None,
+) -> None:
+    """Turn one batch's decoder output into per-example candidates.
+
+    ``windows`` are the batch rows' window ids, ``context_pos`` each row's position of its first
+    context token; ``spans``/``scores`` come from engine.decode.span_search (-1 / -inf unfilled).
+    """
+    norm = (start_lse + end_lse).astype(np.float64)
+    probs = np.exp(scores.astype(np.float64) - norm[:, None])
+    shift = (window_start[windows] - context_pos)[:, None]
+    tok_start = spans[:, :, 0] + shift
+    tok_end = spans[:, :, 1] + shift
+    valid = spans[:, :, 0] >= 0
+    nulls = np.exp(null_scores.astype(np.float64) - norm).tolist() if null_scores is not None else None
+    for r, w in enumerate(windows.tolist()):
+        keep = valid[r]
+        candidates[example_of_window[w]].add(
+            w, tok_start[r, keep], tok_end[r, keep], probs[r, keep], nulls[r] if nulls is not None else None)
+
+
+def finalize(
+    example: Example,
+    cand: Candidates,
+    *,
+    top_k: int,
+    align_to_words: bool,
+    handle_impossible: bool,
+    null_threshold: float,
+    backend: str,
+    precision: str,
+) -> list[Answer]:
+    """The example's best ``top_k`` answers, best first (fewer when fewer distinct ones exist)."""
+    ctx = example.context
+    text = ctx.text
+    if cand.start:
+        starts = np.concatenate(cand.start)
+        ends = np.concatenate(cand.end)
+        if align_to_words:
+            word_start, word_end = ctx.word_char_spans
+            cs, ce = word_start[starts], word_end[ends]
+        else:
+            cs, ce = ctx.offsets[starts, 0], ctx.offsets[ends, 1]
+        rows = zip(np.concatenate(cand.window).tolist(), cs.tolist(), ce.tolist(), np.concatenate(cand.prob).tolist())
+    else:
+        rows = iter(())
+    in_window: dict[tuple[int, str], list[Any]] = {}  # (window, key) -> [prob sum, start, end]
+    for w, a, z, p in rows:
+        if z <= a:
+            continue  # a token without characters cannot be an answer
+        key = (w, text[a:z].lower())
+        hit = in_window.get(key)
+        if hit is None:
+            in_window[key] = [p, a, z]  # the window's best candidate of this text keeps its place
+        else:
+            hit[0] += p
+    best: dict[str, tuple[float, int, int]] = {}
+    for (_, key), (p, a, z) in in_window.items():
+        old = best.get(key)
+        if old is None or p > old[0] or (p == old[0] and (a, z) < (old[1], old[2])):
+            best[key] = (p, a, z)
+    ranked = sorted(best.values(), key=lambda c: (-c[0], c[1], c[2]))
+    warnings = example.warnings
+    answers = [Answer(text[a:z], a, z, p, backend, precision, False, warnings) for p, a, z in ranked[:top_k]]
+    if handle_impossible and math.isfinite(cand.null_prob):
+        null = Answer("", 0, 0, cand.null_prob, backend, precision, True, warnings)
+        # The null answer ranks with its probability minus the threshold, after spans on ties.
+        at = sum(1 for a in answers if a.score >= cand.null_prob - null_threshold)
+        if at < top_k:
+            answers.insert(at, null)
+            answers = answers[:top_k]
+    return answers
