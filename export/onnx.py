@@ -1,0 +1,302 @@
+"""Hugging Face span checkpoint -> ONNX: inspect, load, trace, verify against PyTorch, optimize.
+
+Supported heads: BERT (and BERT-architecture checkpoints such as SpanBERT and MiniLM), DistilBERT,
+RoBERTa and ELECTRA ``*ForQuestionAnswering``. The graph has dynamic batch and sequence axes,
+inputs named as the model needs them and outputs ``start_logits`` / ``end_logits``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.errors import ExportError, UnsupportedModelError, VerificationError
+from export.samples import EncodedBatch
+
+OUTPUT_NAMES = ("start_logits", "end_logits")
+MAX_ANSWER_TOKENS = 30  # span length limit used by the span comparisons below
+
+
+@dataclass(frozen=True)
+class _Family:
+    architecture: str
+    input_names: tuple[str, ...]
+    position_offset: int  # positions the embedding table reserves (RoBERTa: padding_idx + 1)
+
+
+SUPPORTED: dict[str, _Family] = {
+    "bert": _Family("BertForQuestionAnswering", ("input_ids", "attention_mask", "token_type_ids"), 0),
+    "distilbert": _Family("DistilBertForQuestionAnswering", ("input_ids", "attention_mask"), 0),
+    "roberta": _Family("RobertaForQuestionAnswering", ("input_ids", "attention_mask"), 2),
+    "electra": _Family("ElectraForQuestionAnswering", ("input_ids", "attention_mask", "token_type_ids"), 0),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the export needs to know about a checkpoint, read from its config.json."""
+
+    model_dir: Path
+    model_type: str
+    architecture: str
+    input_names: tuple[str, ...]
+    num_heads: int
+    hidden_size: int
+    num_layers: int
+    vocab_size: int  # rows of the word-embedding table
+    max_positions: int  # longest sequence the position embeddings allow
+    config: dict[str, Any]
+
+
+def _supported_list() -> str:
+    return ", ".join(f"{f.architecture} ({t})" for t, f in SUPPORTED.items())
+
+
+def inspect_checkpoint(model_dir: str | Path) -> ModelSpec:
+    """Read and check a checkpoint folder's config: a supported architecture with a span head."""
+    d = Path(model_dir)
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise ExportError(f"{d}: no config.json; pass a Hugging Face model folder (config, weights, tokenizer)")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"{cfg_path}: unreadable ({e})") from None
+    model_type = cfg.get("model_type")
+    archs = cfg.get("architectures") or []
+    if model_type not in SUPPORTED:
+        raise UnsupportedModelError(
+            f"{d}: model_type {model_type!r} ({', '.join(archs) or 'no architectures'}) is not supported; "
+            f"supported span models: {_supported_list()}"
+        )
+    fam = SUPPORTED[model_type]
+    if fam.architecture not in archs:
+        raise UnsupportedModelError(
+            f"{d}: {', '.join(archs) or 'a model with no architectures entry'} has no span head "
+            f"(no start/end logits); export needs a fine-tuned {fam.architecture} checkpoint "
+            "(fine-tune one with: python -m export finetune ...)"
+        )
+    if model_type == "distilbert":
+        heads, hidden, layers = cfg["n_heads"], cfg["dim"], cfg["n_layers"]
+    else:
+        heads, hidden, layers = cfg["num_attention_heads"], cfg["hidden_size"], cfg["num_hidden_layers"]
+    return ModelSpec(
+        model_dir=d, model_type=model_type, architecture=fam.architecture, input_names=fam.input_names,
+        num_heads=int(heads), hidden_size=int(hidden), num_layers=int(layers), vocab_size=int(cfg["vocab_size"]),
+        max_positions=int(cfg["max_position_embeddings"]) - fam.position_offset, config=cfg,
+    )
+
+
+def weight_files(model_dir: str | Path) -> list[Path]:
+    """The checkpoint's weight files (safetensors preferred, as transformers loads them)."""
+    d = Path(model_dir)
+    for pattern in ("model.safetensors", "model-*-of-*.safetensors", "pytorch_model.bin", "pytorch_model-*-of-*.bin"):
+        found = sorted(d.glob(pattern))
+        if found:
+            return found
+    raise ExportError(f"{d}: no weights (model.safetensors or pytorch_model.bin)")
+
+
+def weights_sha256(model_dir: str | Path) -> str:
+    """sha256 of the weights: of the file itself, or of the 'name sha256' lines of all shards."""
+    from engine.bundle import sha256_file
+
+    files = weight_files(model_dir)
+    if len(files) == 1:
+        return sha256_file(files[0])
+    lines = "".join(f"{f.name} {sha256_file(f)}\n" for f in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def load_model(spec: ModelSpec) -> Any:
+    """The PyTorch span model in float32 eval mode, with eager attention (the pattern ORT fuses).
+
+    Refuses a checkpoint whose span head weights are missing (transformers would initialise them
+    randomly and the export would produce a model that answers at random).
+    """
+    import torch
+    import transformers
+
+    cls = getattr(transformers, spec.architecture)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, info = cls.from_pretrained(
+            str(spec.model_dir), attn_implementation="eager", output_loading_info=True, local_files_only=True
+        )
+    missing = [k for k in info.get("missing_keys", []) if "qa_outputs" in k]
+    if missing:
+        raise UnsupportedModelError(
+            f"{spec.model_dir}: the span head weights ({', '.join(sorted(missing))}) are not in the checkpoint; "
+            "it is a base encoder, not a fine-tuned span model (fine-tune it first: python -m export finetune ...)"
+        )
+    head = getattr(model, "qa_outputs", None)
+    if head is None or getattr(head, "out_features", None) != 2:
+        raise UnsupportedModelError(f"{spec.model_dir}: the span head does not give 2 logits per token (start, end)")
+    # transformers 5 loads in the checkpoint's dtype ("auto"); the export and its checks run in fp32.
+    model = model.to(torch.float32).eval()
+    return model
+
+
+def export_onnx(model: Any, spec: ModelSpec, path: str | Path, *, opset: int = 17) -> None:
+    """Trace the model to ONNX with dynamic batch and sequence axes (TorchScript exporter)."""
+    import torch
+
+    class SpanHead(torch.nn.Module):
+        def __init__(self, inner: Any, names: tuple[str, ...]) -> None:
+            super().__init__()
+            self.inner, self.names = inner, names
+
+        def forward(self, *inputs: Any) -> tuple[Any, Any]:
+            out = self.inner(**dict(zip(self.names, inputs)), return_dict=True)
+            return out.start_logits, out.end_logits
+
+    # Batch 2, length 17: distinct, non-trivial sizes so no axis is specialised to a constant.
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, min(spec.vocab_size, 1000), (2, 17), generator=gen)
+    dummy = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    dummy["attention_mask"][1, 12:] = 0
+    args = tuple(dummy[n] for n in spec.input_names)
+    axes = {n: {0: "batch", 1: "sequence"} for n in (*spec.input_names, *OUTPUT_NAMES)}
+    wrapper = SpanHead(model, spec.input_names).eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        # The TorchScript exporter warns about its own deprecation and about traced constants
+        # (the mask arithmetic); parity checks below are what proves the trace right.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper, args, str(path), input_names=list(spec.input_names), output_names=list(OUTPUT_NAMES),
+            dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False,
+        )
+    import onnx
+
+    onnx.checker.check_model(str(path))
+
+
+def best_spans(start: np.ndarray, end: np.ndarray, context_mask: np.ndarray, max_len: int = MAX_ANSWER_TOKENS) -> np.ndarray:
+    """Per row, the (start, end) maximising start+end logits over context tokens, end-start < max_len.
+
+    A reference used only to compare two sets of logits; ties go to the smallest start, then end.
+    """
+    out = np.zeros((start.shape[0], 2), dtype=np.int64)
+    s_len = start.shape[1]
+    band = np.triu(np.ones((s_len, s_len), dtype=bool)) & ~np.triu(np.ones((s_len, s_len), dtype=bool), k=max_len)
+    for r in range(start.shape[0]):
+        ok = band & context_mask[r][:, None] & context_mask[r][None, :]
+        if not ok.any():
+            continue
+        scores = np.where(ok, start[r].astype(np.float64)[:, None] + end[r].astype(np.float64)[None, :], -np.inf)
+        i = int(np.argmax(scores))  # first maximum in row-major order: smallest start, then end
+        out[r] = divmod(i, s_len)
+    return out
+
+
+def compare_logits(ref: tuple[np.ndarray, np.ndarray], got: tuple[np.ndarray, np.ndarray], batch: EncodedBatch,
+                   *, tie_tolerance: float) -> dict[str, Any]:
+    """Max abs logit difference over real tokens and best-span agreement of two outputs on a batch.
+
+    Two different best spans whose reference scores differ by at most ``tie_tolerance`` count as
+    a tie (the reference itself cannot tell them apart), not as a disagreement.
+    """
+    valid = batch.feeds["attention_mask"].astype(bool)
+    diff = max(float(np.max(np.abs(r - g)[valid])) for r, g in zip(ref, got))
+    ref_spans = best_spans(*ref, batch.context_mask)
+    got_spans = best_spans(*got, batch.context_mask)
+    same = ties = 0
+    for row, (a, b) in enumerate(zip(ref_spans, got_spans)):
+        if (a == b).all():
+            same += 1
+            continue
+        score_a = float(ref[0][row, a[0]]) + float(ref[1][row, a[1]])
+        score_b = float(ref[0][row, b[0]]) + float(ref[1][row, b[1]])
+        if abs(score_a - score_b) <= tie_tolerance:
+            ties += 1
+    b, s = batch.shape
+    return {"batch": b, "seq": s, "max_abs_diff": diff, "same_span": same, "tied_span": ties, "rows": b,
+            "finite": bool(all(np.isfinite(g[valid]).all() for g in got))}
+
+
+def torch_logits(model: Any, batch: EncodedBatch) -> tuple[np.ndarray, np.ndarray]:
+    """Start/end logits of the PyTorch model on a batch, as float32 NumPy arrays."""
+    import torch
+
+    with torch.no_grad():
+        out = model(**{k: torch.from_numpy(v) for k, v in batch.feeds.items()}, return_dict=True)
+    return out.start_logits.float().numpy(), out.end_logits.float().numpy()
+
+
+def ort_session(path: str | Path, *, threads: int = 0, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> Any:
+    """An ONNX Runtime session with all graph optimizations."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=so, providers=list(providers))
+
+
+def ort_logits(session: Any, batch: EncodedBatch) -> tuple[np.ndarray, np.ndarray]:
+    """Start/end logits of an ONNX Runtime session on a batch, as float32."""
+    start, end = session.run(list(OUTPUT_NAMES), batch.feeds)
+    return np.asarray(start, dtype=np.float32), np.asarray(end, dtype=np.float32)
+
+
+def verify_against(reference: list[tuple[np.ndarray, np.ndarray]], session: Any, batches: list[EncodedBatch], *,
+                   atol: float | None, min_span_agreement: float, label: str) -> dict[str, Any]:
+    """Run ``session`` on ``batches`` and compare with ``reference`` logits; raise on failure.
+
+    ``atol`` bounds the max abs logit difference (None: recorded, not enforced); the share of rows
+    with the same best span (ties included) must reach ``min_span_agreement``.
+    """
+    cases = []
+    for ref, batch in zip(reference, batches):
+        cases.append(compare_logits(ref, ort_logits(session, batch), batch, tie_tolerance=2 * (atol or 0.0)))
+    rows = sum(c["rows"] for c in cases)
+    agree = sum(c["same_span"] + c["tied_span"] for c in cases)
+    figures = {
+        "max_abs_diff": max(c["max_abs_diff"] for c in cases),
+        "span_agreement": agree / rows,
+        "rows": rows,
+        "cases": cases,
+    }
+    if atol is not None:
+        figures["atol"] = atol
+    problems = []
+    if not all(c["finite"] for c in cases):
+        problems.append("non-finite logits")
+    if atol is not None and figures["max_abs_diff"] > atol:
+        problems.append(f"max abs logit difference {figures['max_abs_diff']:.3g} > {atol:g}")
+    if figures["span_agreement"] < min_span_agreement:
+        problems.append(f"same best span on {agree}/{rows} rows (need {min_span_agreement:.0%})")
+    if problems:
+        shapes = ", ".join(f"{c['batch']}x{c['seq']}" for c in cases)
+        raise VerificationError(f"{label} failed verification on batches {shapes}: {'; '.join(problems)}; no bundle was written")
+    return figures
+
+
+def optimize_onnx(src: str | Path, dst: str | Path, spec: ModelSpec) -> dict[str, int]:
+    """Fuse attention, LayerNorm, GELU and embeddings with ONNX Runtime's transformer optimizer.
+
+    Returns the fused-operator counts. Every family here uses the 'bert' fusions (ORT's own
+    mapping: DistilBERT, RoBERTa and ELECTRA are BERT-shaped encoders).
+    """
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    opts = FusionOptions("bert")
+    opts.enable_gelu_approximation = False  # exact erf GELU: keeps parity with PyTorch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = optimize_model(
+            str(src), model_type="bert", num_heads=spec.num_heads, hidden_size=spec.hidden_size,
+            optimization_options=opts, opt_level=0, use_gpu=False,
+        )
+    stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
+    opt.save_model_to_file(str(dst))
+    return stats
