@@ -1,0 +1,141 @@
+"""What a result was measured on: CPU, cores, GPU, package versions, git commit, peak RSS."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+# Packages whose versions go into every results.json (absent ones are recorded as None).
+PACKAGES = (
+    "spanrt", "numpy", "tokenizers", "onnxruntime", "onnxruntime-gpu", "onnx", "torch", "transformers",
+    "optimum", "optimum-onnx", "tensorrt", "cuda-python", "safetensors", "matplotlib", "psutil",
+)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (``/proc/cpuinfo`` on Linux, ``platform`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def physical_cores() -> int:
+    """Physical cores usable by this process (the default thread count of every system)."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except ImportError:
+        n = None
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(n or usable, usable))
+
+
+def cpu_flags() -> list[str]:
+    """The ISA extensions that decide int8/fp16 speed (AVX-512, VNNI, AMX), as the kernel reports them."""
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in wanted if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def gpus() -> list[str]:
+    """NVIDIA GPUs as ``nvidia-smi`` names them; empty when there is none (or no driver)."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, memory, GPU, OS and Python of this machine."""
+    info: dict[str, Any] = {
+        "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "physical_cores": physical_cores(),
+        "logical_cpus": os.cpu_count(),
+        "gpus": gpus(),
+        "os": platform.platform(),
+        "python": sys.version.split()[0],
+    }
+    try:
+        import psutil
+
+        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+        info["load_average"] = list(os.getloadavg())
+    except (ImportError, OSError):
+        pass
+    return info
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages that matter to the figures."""
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_info() -> dict[str, Any]:
+    """The commit the bench ran from and whether the work tree had changes."""
+    exe = shutil.which("git")
+    if exe is None or not (REPO_ROOT / ".git").exists():
+        return {"commit": None, "dirty": None}
+
+    def git(*args: str) -> str:
+        return subprocess.run([exe, "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=20).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MiB."""
+    try:
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return kb / 1024 / (1024 if sys.platform == "darwin" else 1)  # bytes on macOS, KiB on Linux
+    except ImportError:  # Windows
+        import psutil
+
+        return psutil.Process().memory_info().peak_wset / 2**20
+
+
+def rss_mb() -> float:
+    """This process's current resident set size, in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20

@@ -1,0 +1,192 @@
+"""From raw measurements to figures: throughput, latency percentiles, accuracy, agreement, ratios, targets.
+
+Every figure is a median over the interleaved repeats; the raw per-call times stay in the results
+so anyone can recompute them.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import numpy as np
+
+from bench.dataset import Questions, subset_json
+from bench.harness import SystemRun
+from bench.squad_eval import score
+from bench.systems import BASELINE, STAGES
+
+SCHEMA_VERSION = 1
+PERCENTILES = (50, 90, 99)
+
+
+def throughput(passes: list[dict[str, Any]]) -> list[float]:
+    """Questions per second of each pass: questions / total time inside the system's calls."""
+    return [p["n"] / sum(p["call_s"]) for p in passes if p["call_s"]]
+
+
+def latency_ms(passes: list[dict[str, Any]]) -> dict[str, float]:
+    """p50/p90/p99 (and mean) of one-question calls: per repeat, then the median over repeats."""
+    per_rep = [np.asarray(p["call_s"], dtype=np.float64) * 1e3 for p in passes if p["call_s"]]
+    if not per_rep:
+        return {}
+    out = {f"p{q}": float(statistics.median(float(np.percentile(r, q)) for r in per_rep)) for q in PERCENTILES}
+    out["mean"] = float(statistics.median(float(r.mean()) for r in per_rep))
+    out["max"] = float(max(float(r.max()) for r in per_rep))
+    return out
+
+
+def stage_shares(passes: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Share of the calls' wall time in tokenize / model / decode (and the rest), summed over repeats."""
+    total = sum(sum(p["call_s"]) for p in passes)
+    if total <= 0:
+        return None
+    sums = {k: sum(p["stage_s"].get(k, 0.0) for p in passes) for k in STAGES}
+    if sum(sums.values()) <= 0:
+        return None  # the system does not let us see its stages
+    shares = {k: v / total for k, v in sums.items()}
+    shares["other"] = max(0.0, 1.0 - sum(shares.values()))
+    return shares
+
+
+def predictions_of(pass_: dict[str, Any], qids: list[str]) -> dict[str, str]:
+    """{question id: answer text} of one pass."""
+    return {q: p[0] for q, p in zip(qids, pass_["predictions"], strict=True)}
+
+
+def _accuracy(dataset_json: dict[str, Any], preds: dict[str, str]) -> dict[str, float]:
+    out = score(dataset_json, preds)
+    return {k: v for k, v in out.items() if k != "version"}
+
+
+def summarize_system(run: SystemRun, questions: Questions, dataset_json: dict[str, Any], batch_sizes: list[int]) -> dict[str, Any]:
+    """One system's entry of results.json (without ratios, which need the baseline)."""
+    spec = run.spec
+    details = run.loaded.get("details", {}) if run.loaded else {}
+    entry: dict[str, Any] = {
+        "name": spec.name, "family": spec.family, "description": spec.description,
+        "available": run.status == "ok", "status": run.status,
+        "backend": details.get("backend", spec.backend), "precision": details.get("precision", spec.precision),
+        "device": details.get("device", spec.device),
+    }
+    if run.reason:
+        entry["reason"] = run.reason
+    if run.traceback:
+        entry["traceback"] = run.traceback
+    if run.status != "ok":
+        return entry
+    qids = [e.qid for e in questions.examples]
+    entry["details"] = details
+    first = run.passes.get(1, [None])[0] or run.passes[min(run.passes)][0]
+    preds = predictions_of(first, qids)
+    acc = _accuracy(dataset_json, preds)
+    entry.update({"exact_match": acc.pop("exact_match"), "f1": acc.pop("f1"), "accuracy": acc})
+    entry["accuracy_by_batch_size"] = {
+        str(b): {k: v for k, v in _accuracy(dataset_json, predictions_of(ps[0], qids)).items() if k in ("exact_match", "f1")}
+        for b, ps in sorted(run.passes.items())
+    }
+    entry["answers_stable_across_repeats"] = {
+        str(b): all(p["predictions"] == ps[0]["predictions"] for p in ps) if len(ps) > 1 else None for b, ps in sorted(run.passes.items())
+    }
+    entry["throughput_qps"] = {str(b): float(statistics.median(throughput(ps))) for b, ps in sorted(run.passes.items())}
+    entry["throughput_qps_range"] = {str(b): [min(throughput(ps)), max(throughput(ps))] for b, ps in sorted(run.passes.items())}
+    entry["latency_ms"] = latency_ms(run.passes.get(1, []))
+    entry["time_shares"] = {str(b): stage_shares(ps) for b, ps in sorted(run.passes.items())}
+    entry.update({
+        "import_s": run.loaded["import_s"], "load_s": run.loaded["load_s"], "cold_start_ms": run.loaded["cold_start_ms"],
+        "prepare_s": run.artifacts.prepare_s if run.artifacts else None, "warmup_s": run.warmup_s,
+        "peak_rss_mb": run.closed.get("peak_rss_mb"), "rss_after_load_mb": run.loaded["rss_after_load_mb"],
+        "rss_end_mb": run.closed.get("rss_end_mb"), "rss_start_mb": run.loaded["rss_start_mb"],
+    })
+    entry["raw"] = {
+        "call_s": {str(b): [p["call_s"] for p in ps] for b, ps in sorted(run.passes.items())},
+        "stage_s": {str(b): [p["stage_s"] for p in ps] for b, ps in sorted(run.passes.items())},
+    }
+    entry["_predictions"] = {q: {"text": p[0], "start": p[1], "end": p[2], "score": p[3]}
+                             for q, p in zip(qids, first["predictions"], strict=True)}
+    return entry
+
+
+def add_ratios(systems: list[dict[str, Any]], baseline: str = BASELINE) -> None:
+    """Ratios and answer agreement of every available system against the baseline, in place."""
+    base = next((s for s in systems if s["name"] == baseline and s["available"]), None)
+    for s in systems:
+        if not s["available"]:
+            continue
+        if base is None:
+            s["ratios"] = None
+            s["agreement"] = None
+            continue
+        s["ratios"] = {
+            "throughput_qps": {b: s["throughput_qps"][b] / v for b, v in base["throughput_qps"].items() if b in s["throughput_qps"]},
+            **{f"latency_{k}": s["latency_ms"][k] / base["latency_ms"][k] for k in ("p50", "p90", "p99")
+               if k in s["latency_ms"] and base["latency_ms"].get(k)},
+            "peak_rss": (s["peak_rss_mb"] / base["peak_rss_mb"]) if s.get("peak_rss_mb") and base.get("peak_rss_mb") else None,
+            "exact_match_delta": s["exact_match"] - base["exact_match"],
+            "f1_delta": s["f1"] - base["f1"],
+        }
+        mine, theirs = s["_predictions"], base["_predictions"]
+        s["agreement"] = sum(mine[q]["text"] == theirs[q]["text"] for q in mine) / len(mine)
+        s["agreement_span"] = sum((mine[q]["start"], mine[q]["end"]) == (theirs[q]["start"], theirs[q]["end"]) for q in mine) / len(mine)
+
+
+def _get(systems: dict[str, dict[str, Any]], name: str, *path: str) -> float | None:
+    cur: Any = systems.get(name)
+    if not cur or not cur.get("available"):
+        return None
+    for key in path:
+        if not isinstance(cur, dict) or cur.get(key) is None:
+            return None
+        cur = cur[key]
+    return float(cur)
+
+
+def check_targets(systems: list[dict[str, Any]], batch_sizes: list[int]) -> list[dict[str, Any]]:
+    """The issue's targets, each with the measured value and whether it is met (None: not measured)."""
+    by = {s["name"]: s for s in systems}
+    big = str(max(batch_sizes))
+    base_thr = _get(by, BASELINE, "throughput_qps", big)
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    int8_outside = _get(by, "spanrt-onnxruntime-int8", "time_shares", big, "model")
+    rows = [
+        (f"spanrt-onnxruntime-int8 throughput at batch {big} vs baseline", ">=", 6.0,
+         ratio(_get(by, "spanrt-onnxruntime-int8", "throughput_qps", big), base_thr)),
+        ("spanrt-onnxruntime-int8 p50 latency at batch 1 vs baseline", "<=", 0.25,
+         ratio(_get(by, "spanrt-onnxruntime-int8", "latency_ms", "p50"), _get(by, BASELINE, "latency_ms", "p50"))),
+        (f"spanrt-onnxruntime-fp32 throughput at batch {big} vs baseline", ">=", 2.5,
+         ratio(_get(by, "spanrt-onnxruntime-fp32", "throughput_qps", big), base_thr)),
+        ("|spanrt-onnxruntime-fp32 EM - baseline EM|", "<=", 0.1,
+         _abs_diff(_get(by, "spanrt-onnxruntime-fp32", "exact_match"), _get(by, BASELINE, "exact_match"))),
+        ("|spanrt-onnxruntime-fp32 F1 - baseline F1|", "<=", 0.1,
+         _abs_diff(_get(by, "spanrt-onnxruntime-fp32", "f1"), _get(by, BASELINE, "f1"))),
+        ("spanrt-onnxruntime-fp32 F1 - spanrt-onnxruntime-int8 F1", "<=", 1.0,
+         _diff(_get(by, "spanrt-onnxruntime-fp32", "f1"), _get(by, "spanrt-onnxruntime-int8", "f1"))),
+        (f"spanrt-onnxruntime-int8 vs optimum-onnxruntime-int8 throughput at batch {big}", ">=", 2.0,
+         ratio(_get(by, "spanrt-onnxruntime-int8", "throughput_qps", big), _get(by, "optimum-onnxruntime-int8", "throughput_qps", big))),
+        (f"spanrt-onnxruntime-int8 share of time outside the model at batch {big}", "<=", 0.10,
+         None if int8_outside is None else 1.0 - int8_outside),
+    ]
+    out = []
+    for what, op, target, value in rows:
+        met = None if value is None else (value >= target if op == ">=" else value <= target)
+        out.append({"target": what, "op": op, "threshold": target, "value": value, "met": met})
+    return out
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def _abs_diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else abs(a - b)
+
+
+def build_systems(runs: list[SystemRun], questions: Questions, batch_sizes: list[int]) -> list[dict[str, Any]]:
+    """Every system's entry, available or not, with ratios against the baseline."""
+    dataset_json = subset_json(questions.dataset_json, {e.qid for e in questions.examples})
+    systems = [summarize_system(r, questions, dataset_json, batch_sizes) for r in runs]
+    add_ratios(systems)
+    return systems
