@@ -38,8 +38,9 @@ def resolve_model(model: str | Path | None) -> ModelSource:
     if (path / "manifest.json").is_file():
         manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
         src = (manifest.get("source") or {}).get("path")
-        if src and (Path(src) / "config.json").is_file():
-            return ModelSource(label=str(path), checkpoint=Path(src), bundle=path)
+        ckpt = None if not isinstance(src, str) or not src else (Path(src) if Path(src).is_absolute() else path / src)
+        if ckpt is not None and (ckpt / "config.json").is_file():
+            return ModelSource(label=str(path), checkpoint=ckpt, bundle=path)
         return ModelSource(label=str(path), checkpoint=None, bundle=path,
                            checkpoint_missing=f"the bundle's source checkpoint {src!r} is not on this machine; the peers need a "
                                               "Hugging Face checkpoint: pass --model CHECKPOINT_DIR instead of the bundle")
