@@ -2,7 +2,7 @@
 
 The bundle's tokenizer (the ``tokenizers`` library, never transformers) encodes questions and
 contexts separately, without special tokens; the special-token layout of a (question, context)
-pair is learnt once from the tokenizer's own post-processor (:class:`Template`), so BERT's
+pair is learnt once from the tokenizer's own pair encoding (:class:`Template`), so BERT's
 ``[CLS] q [SEP] c [SEP]`` and RoBERTa's ``<s> q </s></s> c </s>`` need no special cases. Windows
 are described by arrays (context token start/stop per window) and only turned into padded model
 inputs batch by batch (engine.batcher), so a 1 MB context never exists as one tensor.
@@ -43,13 +43,13 @@ class Template:
 
 
 def learn_template(tokenizer: object, tokenizer_path: Path) -> Template:
-    """Read the pair layout off the tokenizer's post-processor (one encode of two 1-token texts)."""
+    """Read the pair layout off the tokenizer's pair template (one encode of two 1-token texts)."""
     a = tokenizer.encode("a", add_special_tokens=False)  # type: ignore[attr-defined]
     b = tokenizer.encode("b", add_special_tokens=False)  # type: ignore[attr-defined]
     if len(a.ids) != 1 or len(b.ids) != 1:
         raise BundleError(f"tokenizer {tokenizer_path}: 'a' and 'b' should be one token each, got {a.tokens} and {b.tokens}. "
                           "Fix: export the bundle again with the model's own fast tokenizer")
-    pair = tokenizer.post_process(a, b, add_special_tokens=True)  # type: ignore[attr-defined]
+    pair = tokenizer.encode("a", "b", add_special_tokens=True)  # type: ignore[attr-defined]
     seq = pair.sequence_ids
     ids = np.asarray(pair.ids, dtype=np.int64)
     types = np.asarray(pair.type_ids, dtype=np.int64)

@@ -8,6 +8,7 @@ for speed. ``torch.set_num_threads`` is process-wide: the last torch backend cre
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from engine.backends.base import Backend, Consume, T, default_threads
-from engine.bundle import Bundle
+from engine.bundle import Bundle, sha256_file
 from engine.errors import BackendUnavailableError, BundleError
 
 PRECISIONS = ("fp32", "fp16")
@@ -40,10 +41,20 @@ def source_checkpoint(bundle: Bundle) -> Path:
         raise BackendUnavailableError(f"bundle {bundle.root}: the manifest records no source checkpoint path, which the torch backend loads")
     p = Path(path)
     p = p if p.is_absolute() else bundle.root / p
-    if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():
+    weights = sorted(p.glob("model.safetensors")) or sorted(p.glob("model-*-of-*.safetensors"))
+    if not (p / "config.json").is_file() or not weights:
         raise BackendUnavailableError(
-            f"the torch backend loads the bundle's source checkpoint {p}, which has no config.json + model.safetensors here: "
-            "copy the checkpoint there, or use an ONNX backend")
+            f"the torch backend loads the bundle's source checkpoint {p}, which has no config.json + safetensors weights here "
+            "(pickled .bin weights are never loaded): copy the checkpoint there, or use an ONNX backend")
+    expected = source.get("weights_sha256") if isinstance(source, dict) else None
+    if isinstance(expected, str) and expected:
+        if len(weights) == 1:
+            actual = sha256_file(weights[0])
+        else:
+            actual = hashlib.sha256("".join(f"{f.name} {sha256_file(f)}\n" for f in weights).encode()).hexdigest()
+        if actual != expected:
+            raise BundleError(f"bundle {bundle.root}: source checkpoint {p} changed since the export (weights sha256 "
+                              f"{actual[:16]}..., manifest {expected[:16]}...). Fix: export the bundle again from it")
     return p
 
 
