@@ -1,6 +1,7 @@
 """Command line of the export stage; parsing only, the work lives in the submodules.
 
     python -m export MODEL_DIR --out BUNDLE_DIR [...]   export a checkpoint to a bundle
+    python -m export build-trt BUNDLE_DIR [...]         add TensorRT plans, on the target GPU
     python -m export finetune --model-dir ... --train-file ... --out ...
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 
 def _finetune_parser() -> argparse.ArgumentParser:
@@ -52,14 +54,108 @@ def _finetune(argv: list[str]) -> int:
     return 0
 
 
-SUBCOMMANDS = {"finetune": _finetune}
+def _csv(choices: tuple[str, ...], *, allow_none: bool = False) -> Any:
+    def parse(text: str) -> tuple[str, ...]:
+        if allow_none and text.strip().lower() in ("", "none"):
+            return ()
+        values = tuple(v.strip().lower() for v in text.split(",") if v.strip())
+        bad = [v for v in values if v not in choices]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"choose a comma-separated list from {', '.join(choices)}" + (" (or none)" if allow_none else ""))
+        return values
+
+    return parse
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected comma-separated integers, e.g. 64,128,256") from None
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    from export.pipeline import ORT_PRECISIONS, TRT_PRECISIONS
+    from export.quantize import CALIBRATION_METHODS, RECIPES
+
+    p = argparse.ArgumentParser(
+        prog="python -m export", description="Export a fine-tuned Hugging Face span model (BERT, DistilBERT, RoBERTa, ELECTRA) "
+        "to a verified SpanRT bundle. Other commands: build-trt, finetune.")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model folder (config.json, weights, tokenizer)")
+    p.add_argument("--out", required=True, metavar="BUNDLE_DIR", help="bundle folder to create")
+    p.add_argument("--precisions", type=_csv(ORT_PRECISIONS), default=("fp32", "int8"), help="ONNX Runtime graphs to write (default: fp32,int8)")
+    p.add_argument("--max-seq-len", type=int, default=384, help="longest window in tokens (default 384)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--int8", choices=RECIPES, default="dynamic", help="INT8 recipe (default: dynamic, chosen by measurement; see README)")
+    p.add_argument("--int8-calibration", choices=CALIBRATION_METHODS, default="minmax", help="static INT8: activation range method")
+    p.add_argument("--calibration-data", default=None, metavar="PATH",
+                   help="SQuAD-format JSON or JSONL of question/context pairs, from TRAIN data (default: the shipped 512-pair SQuAD train sample)")
+    p.add_argument("--calibration-samples", type=int, default=256, help="pairs used for static INT8 calibration (default 256)")
+    p.add_argument("--tensorrt", type=_csv(TRT_PRECISIONS), default=(), help="build TensorRT plans now (needs tensorrt and a GPU): fp16,int8")
+    p.add_argument("--tensorrt-onnx", type=_csv(TRT_PRECISIONS, allow_none=True), default=("fp16",),
+                   help="TensorRT input graphs to ship for a later build-trt on the target (default: fp16; 'none' to skip)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def _export(argv: list[str]) -> int:
+    args = _export_parser().parse_args(argv)
+    from export.pipeline import ExportOptions, export_bundle
+    from export.quantize import QuantConfig
+
+    opts = ExportOptions(
+        precisions=args.precisions, max_seq_len=args.max_seq_len, opset=args.opset, calibration_data=args.calibration_data,
+        calibration_samples=args.calibration_samples, int8=QuantConfig(recipe=args.int8, calibration=args.int8_calibration),
+        tensorrt=args.tensorrt, tensorrt_onnx=args.tensorrt_onnx, force=args.force, quiet=args.quiet,
+    )
+    print(export_bundle(args.model_dir, args.out, opts))
+    return 0
+
+
+def _build_trt_parser() -> argparse.ArgumentParser:
+    from export.pipeline import TRT_PRECISIONS
+    from export.tensorrt import DEFAULT_BUCKETS, DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, DEFAULT_WORKSPACE_MIB
+
+    p = argparse.ArgumentParser(prog="python -m export build-trt", description="Build TensorRT plans for this GPU from a bundle's TensorRT input graphs.")
+    p.add_argument("bundle_dir", metavar="BUNDLE_DIR")
+    p.add_argument("--precisions", type=_csv(TRT_PRECISIONS), default=("fp16",), help="plans to build (default: fp16; int8 needs --tensorrt-onnx int8 at export)")
+    p.add_argument("--buckets", type=_ints, default=DEFAULT_BUCKETS, help="sequence-length bucket bounds below max_seq_len, one profile each (default 64,128,256)")
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH)
+    p.add_argument("--opt-batch", type=int, default=DEFAULT_OPT_BATCH)
+    p.add_argument("--workspace-mib", type=int, default=DEFAULT_WORKSPACE_MIB)
+    p.add_argument("--timing-cache", default=None, metavar="PATH", help="timing cache file (default: per-user cache folder)")
+    p.add_argument("--force", action="store_true", help="rebuild plans the bundle already has")
+    return p
+
+
+def _build_trt(argv: list[str]) -> int:
+    args = _build_trt_parser().parse_args(argv)
+    from export.tensorrt import build_trt
+
+    for entry in build_trt(args.bundle_dir, args.precisions, force=args.force, boundaries=args.buckets, max_batch=args.max_batch,
+                           opt_batch=args.opt_batch, workspace_mib=args.workspace_mib, timing_cache=args.timing_cache):
+        print(f"{entry['path']}: TensorRT {entry['tensorrt_version']}, compute capability {entry['compute_capability']}, "
+              f"{len(entry['profiles'])} profiles, built in {entry['build_seconds']}s")
+    return 0
+
+
+SUBCOMMANDS = {"finetune": _finetune, "build-trt": _build_trt}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one export command; SpanRT errors print their message and exit with status 1."""
+    from engine.errors import SpanRTError
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in SUBCOMMANDS:
-        return SUBCOMMANDS[argv[0]](argv[1:])
-    raise SystemExit("usage: python -m export {finetune} ...")
+    command = SUBCOMMANDS.get(argv[0], None) if argv else None
+    try:
+        if command is not None:
+            return command(argv[1:])
+        return _export(argv)
+    except SpanRTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, opts: ExportOptions | 
 
         verification: dict[str, Any] = {"fp32_atol": FP32_ATOL, "pairs": sum(b.shape[0] for b in batches),
                                         "shapes": [list(b.shape) for b in batches], "data": str(opts.calibration_data or "shipped SQuAD v1.1 train sample")}
-        raw = w.path("model.trt.fp32.onnx")
+        raw = w.path("model.raw.fp32.onnx")  # unfused standard ops; the TensorRT graphs derive from it, then it goes
         with progress.step("export ONNX (TorchScript tracer)"):
             onnx_export.export_onnx(model, spec, raw, opset=opts.opset)
         with progress.step("verify ONNX fp32 vs PyTorch"):
@@ -201,11 +201,15 @@ def export_bundle(model_dir: str | Path, out: str | Path, opts: ExportOptions | 
             w.add_artifact("model.fp16.onnx", format="onnx", precision="fp16", optimized=True, conversion=finfo, opset=opts.opset)
 
         trt_inputs = set(opts.tensorrt_onnx) | set(opts.tensorrt)
-        if trt_inputs:
-            # The unfused graph (standard ONNX ops only) is what TensorRT's parser reads; FP16 plans
-            # are built from it with the FP16 flag.
-            w.add_artifact("model.trt.fp32.onnx", format="onnx-trt", precision="fp32", optimized=False, opset=opts.opset,
-                           used_for=["tensorrt fp16"])
+        if "fp16" in trt_inputs:
+            from export.fp16 import convert_fp16_for_tensorrt, verify_fp16
+
+            with progress.step("convert FP16 graph for TensorRT"):
+                tinfo16 = convert_fp16_for_tensorrt(raw, w.path("model.trt.fp16.onnx"))
+            with progress.step("verify TensorRT FP16 graph (ONNX Runtime CPU) vs PyTorch"):
+                verification["onnx_trt_fp16"] = verify_fp16(reference, w.path("model.trt.fp16.onnx"), batches)
+            w.add_artifact("model.trt.fp16.onnx", format="onnx-trt", precision="fp16", optimized=False, conversion=tinfo16,
+                           opset=opts.opset, used_for=["tensorrt fp16"])
         if "int8" in trt_inputs:
             from export.quantize import quantize_for_tensorrt
 
@@ -217,8 +221,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, opts: ExportOptions | 
                     min_span_agreement=opts.min_int8_span_agreement, label="TensorRT INT8 QDQ graph")
             w.add_artifact("model.trt.int8.onnx", format="onnx-trt", precision="int8", optimized=False, quantization=tinfo, opset=opts.opset,
                            used_for=["tensorrt int8"])
-        if not trt_inputs:
-            raw.unlink()
+        raw.unlink()
         if "fp32" not in opts.precisions:
             fused.unlink()
 
@@ -252,7 +255,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, opts: ExportOptions | 
 
             with progress.step(f"build TensorRT plans ({', '.join(opts.tensorrt)})"):
                 for precision in opts.tensorrt:
-                    trt_export.build_into(w, precision, max_seq_len=opts.max_seq_len, progress=progress)
+                    trt_export.build_into(w, precision, max_seq_len=opts.max_seq_len, input_names=spec.input_names)
 
         manifest["export"]["seconds"]["total"] = round(time.perf_counter() - t_start, 3)
         path = w.commit(manifest)
