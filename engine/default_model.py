@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import os
 import sys
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from engine.errors import BackendUnavailableError, BundleError
 DEFAULT_MODEL_NAME = "minilm-l6-squad1"
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "models" / DEFAULT_MODEL_NAME
 DEFAULT_PRECISIONS = ("fp32", "int8")
+EXPORT_MODULES = ("torch", "transformers", "onnx", "safetensors")
 EXPORT_EXTRA_HINT = 'pip install "spanrt[export]"  (on CPU-only machines: pip install torch==2.13.0 first)'
 
 
@@ -68,20 +70,21 @@ def default_bundle(*, checkpoint: str | Path | None = None, cache: str | Path | 
     target = root / "bundles" / f"{ckpt.name}-{checkpoint_sha256(ckpt)[:16]}"
     if (target / "manifest.json").is_file():
         return target
-    try:
-        from export.bundle import export_bundle
-    except ImportError as exc:  # the export stage needs torch, transformers and onnx
+    missing = [m for m in EXPORT_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
         raise BackendUnavailableError(
             f"the default model's bundle is not built yet and building it needs the export extras "
-            f"(missing: {exc.name}). Install them with: {EXPORT_EXTRA_HINT}"
-        ) from exc
+            f"(missing: {', '.join(missing)}). Install them with: {EXPORT_EXTRA_HINT}"
+        )
+    from export.pipeline import ExportOptions, export_bundle
+
     root.mkdir(parents=True, exist_ok=True)
     with _exclusive(root / ".build.lock"):
         if (target / "manifest.json").is_file():  # another process built it while we waited
             return target
         if not quiet:
             print(f"spanrt: building the default model's bundle (once) into {target} ...", file=sys.stderr, flush=True)
-        export_bundle(ckpt, target, precisions=DEFAULT_PRECISIONS, progress=not quiet)
+        export_bundle(ckpt, target, ExportOptions(precisions=DEFAULT_PRECISIONS, quiet=quiet))
     return target
 
 
