@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,14 +28,19 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def token_ids(text: str) -> list[int]:
-    """Ids of ``text`` under the bundles' tokenizer, without special tokens."""
+@lru_cache(maxsize=1)
+def _tokenizer() -> Any:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(TOKENIZER_JSON))
     tok.no_truncation()
     tok.no_padding()
-    return tok.encode(text, add_special_tokens=False).ids
+    return tok
+
+
+def token_ids(text: str) -> list[int]:
+    """Ids of ``text`` under the bundles' tokenizer, without special tokens."""
+    return _tokenizer().encode(text, add_special_tokens=False).ids
 
 
 def lookup_tables(*, start: dict[int, float] | None = None, end: dict[int, float] | None = None,
