@@ -21,6 +21,9 @@ from engine.errors import BundleError, InvalidInputError
 
 DEFAULT_DOC_STRIDE = 128
 DEFAULT_MAX_QUESTION_LEN = 64
+# Up to this many texts are encoded one by one: for a single (question, context) pair the
+# tokenizers thread pool costs more than it saves (measured: 0.20 ms serial vs 0.28 ms batched).
+SERIAL_ENCODE_MAX = 2
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,11 @@ class TextEncoder:
 
     def encode(self, questions: list[str], contexts: list[str]) -> tuple[list[np.ndarray], list[EncodedContext]]:
         """Token ids of each question and tokens/offsets/words of each context, in one batch call."""
-        encs = self.tokenizer.encode_batch(questions + contexts, add_special_tokens=False)
+        texts = questions + contexts
+        if len(texts) <= SERIAL_ENCODE_MAX:  # one question: skip the thread pool's hand-off
+            encs = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        else:
+            encs = self.tokenizer.encode_batch(texts, add_special_tokens=False)
         q = [np.asarray(e.ids, dtype=np.int64) for e in encs[: len(questions)]]
         c = []
         for text, e in zip(contexts, encs[len(questions) :]):
