@@ -63,7 +63,7 @@ def require_artifact(bundle: Bundle, fmt: str, precision: str, backend: str) -> 
     if art is None:
         have = ", ".join(bundle.precisions(fmt)) or "none"
         raise BackendUnavailableError(
-            f"backend {backend!r} needs a {fmt} {precision} model, but bundle {bundle.root} has {fmt} precisions: {have}. "
+            f"backend {backend!r} needs the {precision} {fmt} model, but bundle {bundle.root} has {fmt} precisions: {have}. "
             f"Pick one of those precisions, or export the bundle again with {precision} (python -m export ...)")
     return art
 
