@@ -1,0 +1,332 @@
+"""Dynamic batching inside the process: many concurrent ``answer()`` calls, one model batch.
+
+A service that answers one question per request calls the model with batch 1 on every thread,
+and the threads fight over the same cores (or the same GPU stream). ``BatchingEngine`` puts each
+call in a bounded queue; a worker thread takes what arrived within ``max_delay_ms`` of the oldest
+waiting call (at most ``max_batch_size`` calls), answers them with one ``Engine.answer_batch``
+(tokenization, the model and the decoder each run once for the whole batch) and routes every
+answer back to its caller. Calls with different options are answered in separate batches.
+
+Back-pressure is explicit: when ``max_queue_size`` calls are waiting, ``answer`` raises
+:class:`QueueFullError` at once (a service maps it to HTTP 503) instead of growing memory. A call
+that is not answered within its ``timeout`` raises :class:`RequestTimeoutError`; if it was still
+waiting it leaves the queue and is never run. ``await answer_async(...)`` is the same for asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import logging
+import math
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.api import Engine, Result, normalize_inputs
+from engine.bundle import Bundle
+from engine.errors import EngineClosedError, InvalidInputError, SpanRTError, UnknownOptionError
+
+__all__ = ["BatchingEngine", "QueueFullError", "RequestTimeoutError"]
+
+logger = logging.getLogger("engine")
+
+DEFAULT_MAX_DELAY_MS = 2.0
+DEFAULT_MAX_QUEUE_SIZE = 1024
+DEFAULT_TIMEOUT_S = 30.0
+
+# The answering options and their defaults, read off Engine.answer_batch (one source of truth).
+_OPTION_DEFAULTS: dict[str, Any] = {
+    name: p.default for name, p in inspect.signature(Engine.answer_batch).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+}
+
+
+class QueueFullError(SpanRTError, RuntimeError):
+    """The batching queue is full: the service is overloaded; retry later or add capacity."""
+
+
+class RequestTimeoutError(SpanRTError, TimeoutError):
+    """A call was not answered within its timeout (it was dropped if it had not started)."""
+
+
+_USE_DEFAULT: Any = object()  # "timeout not given": use the engine's timeout_s
+
+
+@dataclass(eq=False)
+class _Request:
+    question: str
+    context: str
+    options: dict[str, Any]
+    key: Hashable
+    future: concurrent.futures.Future[Result]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+def _options_key(options: dict[str, Any]) -> Hashable:
+    """Calls whose options compare equal share a batch; unhashable values get a batch of their own."""
+    items = tuple(sorted(options.items()))
+    try:
+        hash(items)
+    except TypeError:
+        return object()
+    return items
+
+
+class BatchingEngine:
+    """Coalesces concurrent ``answer`` calls (threads or asyncio tasks) into batched model calls.
+
+    ``engine``: an ``Engine`` (shared; not closed by ``close()``) or a bundle folder / ``Bundle``
+    (an Engine is created with ``engine_options`` and closed with this object).
+    ``max_batch_size``: most calls per batch (default: the Engine's max_batch_size).
+    ``max_delay_ms``: how long the oldest waiting call may wait for others to join its batch.
+    ``max_queue_size``: waiting calls beyond this are refused with ``QueueFullError``.
+    ``timeout_s``: default per-call timeout in seconds (None: wait as long as it takes).
+    ``workers``: batches prepared and run at the same time (2 overlaps one batch's tokenization
+    with another's model run; 1 is right for most CPUs).
+    """
+
+    def __init__(self, engine: Engine | str | os.PathLike[str] | Bundle, *, max_batch_size: int | None = None,
+                 max_delay_ms: float = DEFAULT_MAX_DELAY_MS, max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+                 timeout_s: float | None = DEFAULT_TIMEOUT_S, workers: int = 1, **engine_options: Any) -> None:
+        if isinstance(engine, Engine):
+            if engine_options:
+                raise InvalidInputError(f"engine options ({', '.join(sorted(engine_options))}) are set when an Engine is "
+                                        "created; pass a bundle folder instead of an Engine to set them here")
+            if engine.closed:
+                raise EngineClosedError("the Engine given to BatchingEngine is closed; create a new Engine")
+            self.engine, self._owns_engine = engine, False
+        else:
+            self.engine, self._owns_engine = Engine(engine, **engine_options), True
+        try:
+            self.max_batch_size = _positive_int("max_batch_size", self.engine.max_batch_size if max_batch_size is None
+                                                else max_batch_size, 4096)
+            self.max_queue_size = _positive_int("max_queue_size", max_queue_size, 1 << 24)
+            self.workers = _positive_int("workers", workers, 64)
+            self.max_delay_s = _seconds("max_delay_ms", max_delay_ms, allow_none=False) / 1000.0
+            self.timeout_s = _seconds("timeout_s", timeout_s, allow_none=True)
+        except InvalidInputError:
+            if self._owns_engine:
+                self.engine.close()
+            raise
+        self._cond = threading.Condition()
+        self._queue: deque[_Request] = deque()
+        self._closing = False
+        self._stats = {"submitted": 0, "answered": 0, "failed": 0, "rejected": 0, "timed_out": 0, "batches": 0,
+                       "batched_requests": 0, "largest_batch": 0, "retried_alone": 0}
+        self._threads = [threading.Thread(target=self._worker, name=f"spanrt-batching-{i}", daemon=True)
+                         for i in range(self.workers)]
+        for t in self._threads:
+            t.start()
+
+    # ---- public API ---------------------------------------------------------------------------
+    def answer(self, question: str, context: str, *, timeout: float | None = _USE_DEFAULT, **options: Any) -> Result:
+        """Answer one question from one context (an ``Answer``, or a list of them when top_k > 1).
+
+        Blocks until the batch holding this call has run. ``timeout`` (seconds, None: no limit)
+        defaults to the engine's ``timeout_s``. Options are ``Engine.answer``'s.
+        """
+        timeout = self._timeout(timeout)
+        future = self._submit(question, context, options)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise self._timed_out(future, timeout) from None
+
+    async def answer_async(self, question: str, context: str, *, timeout: float | None = _USE_DEFAULT,
+                           **options: Any) -> Result:
+        """``answer`` for asyncio: the event loop keeps running while the batch is answered."""
+        timeout = self._timeout(timeout)
+        future = self._submit(question, context, options)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        except asyncio.TimeoutError:  # wait_for's (builtins.TimeoutError from Python 3.11 on)
+            raise self._timed_out(future, timeout) from None
+
+    def stats(self) -> dict[str, float]:
+        """Counters since creation: calls submitted/answered/failed/rejected/timed out, batches run,
+        mean and largest batch, calls retried alone after their batch failed, and the queue depth."""
+        with self._cond:
+            s: dict[str, float] = dict(self._stats)
+            s["queued"] = len(self._queue)
+        s["mean_batch"] = s["batched_requests"] / s["batches"] if s["batches"] else 0.0
+        return s
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` was called."""
+        return self._closing
+
+    def close(self, *, drain: bool = True) -> None:
+        """Stop taking calls; answer the waiting ones (``drain=True``) or fail them with
+        EngineClosedError; wait for the workers, then close the Engine if this object created it."""
+        with self._cond:
+            already = self._closing
+            self._closing = True
+            if not drain:
+                self._fail_queued(EngineClosedError("the BatchingEngine was closed before this call was answered"))
+            self._cond.notify_all()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join()
+        if self._owns_engine and not already:
+            self.engine.close()
+
+    def __enter__(self) -> BatchingEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"BatchingEngine({self.engine!r}, max_batch_size={self.max_batch_size}, "
+                f"max_delay_ms={self.max_delay_s * 1000:g}, max_queue_size={self.max_queue_size})")
+
+    # ---- submitting ---------------------------------------------------------------------------
+    def _timeout(self, timeout: Any) -> float | None:
+        return self.timeout_s if timeout is _USE_DEFAULT else _seconds("timeout", timeout, allow_none=True)
+
+    def _submit(self, question: Any, context: Any, options: dict[str, Any]) -> concurrent.futures.Future[Result]:
+        if isinstance(question, (list, tuple)) or isinstance(context, (list, tuple)):
+            raise InvalidInputError("BatchingEngine.answer takes one question and one context (str); for lists of "
+                                    "questions call Engine.answer_batch, which batches them already")
+        normalize_inputs(question, context)  # type and emptiness errors belong to the caller, now
+        unknown = sorted(set(options) - set(_OPTION_DEFAULTS))
+        if unknown:
+            raise UnknownOptionError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(_OPTION_DEFAULTS)}")
+        full = {**_OPTION_DEFAULTS, **options}
+        request = _Request(question, context, full, _options_key(full), concurrent.futures.Future())
+        with self._cond:
+            if self._closing:
+                raise EngineClosedError("this BatchingEngine was closed; create a new one to answer more questions")
+            if len(self._queue) >= self.max_queue_size:
+                self._purge_cancelled()
+            if len(self._queue) >= self.max_queue_size:
+                self._stats["rejected"] += 1
+                raise QueueFullError(
+                    f"{len(self._queue)} calls are waiting (max_queue_size={self.max_queue_size}): the engine is "
+                    "overloaded. Retry later (HTTP 503), lower the request rate, or add engines/replicas")
+            self._queue.append(request)
+            self._stats["submitted"] += 1
+            self._cond.notify()
+        return request.future
+
+    def _timed_out(self, future: concurrent.futures.Future[Result], timeout: float | None) -> RequestTimeoutError:
+        dropped = future.cancel()  # succeeds only while the call is still waiting in the queue
+        with self._cond:
+            self._stats["timed_out"] += 1
+        where = "still queued; it was dropped" if dropped else "its batch was running; the answer is discarded"
+        return RequestTimeoutError(f"no answer within timeout={timeout}s ({where}). The engine is overloaded or the "
+                                   "context is very long; raise the timeout or add capacity")
+
+    def _purge_cancelled(self) -> None:
+        if any(r.future.cancelled() for r in self._queue):
+            self._queue = deque(r for r in self._queue if not r.future.cancelled())
+
+    def _fail_queued(self, error: BaseException) -> None:
+        while self._queue:
+            r = self._queue.popleft()
+            if r.future.set_running_or_notify_cancel():
+                r.future.set_exception(error)
+                self._stats["failed"] += 1
+
+    # ---- the worker ---------------------------------------------------------------------------
+    def _take(self) -> list[_Request] | None:
+        """The next batch: waits for a first call, then until the batch is full or the oldest
+        call has waited max_delay; None when closing and nothing is left."""
+        with self._cond:
+            while True:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return None
+                deadline = self._queue[0].enqueued + self.max_delay_s
+                while self._queue and len(self._queue) < self.max_batch_size and not self._closing:
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                batch: list[_Request] = []
+                while self._queue and len(batch) < self.max_batch_size:
+                    r = self._queue.popleft()
+                    if r.future.set_running_or_notify_cancel():  # False: timed out while waiting
+                        batch.append(r)
+                if batch:
+                    self._stats["batches"] += 1
+                    self._stats["batched_requests"] += len(batch)
+                    self._stats["largest_batch"] = max(self._stats["largest_batch"], len(batch))
+                    return batch
+
+    def _worker(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            groups: dict[Hashable, list[_Request]] = {}
+            for r in batch:
+                groups.setdefault(r.key, []).append(r)
+            for group in groups.values():
+                try:
+                    self._run(group)
+                except BaseException as e:  # never leave a caller waiting, whatever happened
+                    logger.exception("spanrt batching worker: unexpected error")
+                    self._finish(group, error=e)
+
+    def _run(self, group: list[_Request]) -> None:
+        options = group[0].options
+        try:
+            ranked = self.engine.answer_batch([r.question for r in group], [r.context for r in group], **options)
+        except EngineClosedError as e:
+            self._finish(group, error=e)
+            return
+        except Exception as e:
+            if len(group) == 1:
+                self._finish(group, error=e)
+                return
+            # One bad call (a question without known tokens, an option out of range) must not fail
+            # the others: answer each alone, so each gets its own answer or its own error.
+            with self._cond:
+                self._stats["retried_alone"] += len(group)
+            for r in group:
+                try:
+                    self._finish([r], results=[self.engine.answer(r.question, r.context, **options)])
+                except Exception as e1:
+                    self._finish([r], error=e1)
+            return
+        top1 = options["top_k"] == 1
+        self._finish(group, results=[answers[0] if top1 else answers for answers in ranked])
+
+    def _finish(self, group: list[_Request], *, results: list[Result] | None = None, error: BaseException | None = None) -> None:
+        answered = failed = 0
+        for i, r in enumerate(group):
+            if r.future.done():
+                continue
+            if error is not None:
+                r.future.set_exception(error)
+                failed += 1
+            else:
+                r.future.set_result(results[i])  # type: ignore[index]
+                answered += 1
+        with self._cond:
+            self._stats["answered"] += answered
+            self._stats["failed"] += failed
+
+
+def _positive_int(name: str, value: Any, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
+        raise InvalidInputError(f"{name} must be an int between 1 and {hi}, got {value!r}")
+    return value
+
+
+def _seconds(name: str, value: Any, *, allow_none: bool) -> Any:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        extra = " or None" if allow_none else ""
+        raise InvalidInputError(f"{name} must be a finite number >= 0{extra}, got {value!r}")
+    return float(value)
