@@ -97,16 +97,25 @@ def _quiet_quantizer() -> Iterator[None]:
 
 
 class _Reader:
-    """CalibrationDataReader over encoded batches (one forward pass each)."""
+    """CalibrationDataReader over encoded batches (one forward pass each).
+
+    Supports ORT's strided calibration (``__len__`` + ``set_range``): the histogram calibrators
+    stack a chunk's outputs, so variable-length samples must be fed one chunk at a time, which
+    also bounds their memory.
+    """
 
     def __init__(self, batches: list[EncodedBatch], names: list[str]) -> None:
-        self._it = iter([{n: b.feeds[n] for n in names} for b in batches])
+        self._feeds = [{n: b.feeds[n] for n in names} for b in batches]
+        self._it = iter(self._feeds)
+
+    def __len__(self) -> int:
+        return len(self._feeds)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._it = iter(self._feeds[start_index:end_index])
 
     def get_next(self) -> dict[str, Any] | None:
         return next(self._it, None)
-
-    def rewind(self) -> None:  # pragma: no cover - single pass is all ORT needs here
-        raise NotImplementedError
 
 
 def quantize(src: str | Path, dst: str | Path, cfg: QuantConfig, *, calibration: list[EncodedBatch] | None = None) -> dict[str, Any]:
@@ -115,6 +124,13 @@ def quantize(src: str | Path, dst: str | Path, cfg: QuantConfig, *, calibration:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     model = onnx.load(str(src))
+    if cfg.recipe == "static":
+        # The histogram calibrators pick tensors by their inferred types; the fused com.microsoft
+        # ops are only understood by ORT's symbolic shape inference.
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        with _quiet_quantizer():
+            model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
     exclude = list(cfg.exclude_nodes)
     head = span_head_nodes(model)
     if cfg.keep_head_fp32:
@@ -143,6 +159,8 @@ def quantize(src: str | Path, dst: str | Path, cfg: QuantConfig, *, calibration:
                       "entropy": CalibrationMethod.Entropy}[cfg.calibration]
             if cfg.calibration == "percentile":
                 extra["CalibPercentile"] = cfg.percentile
+            if cfg.calibration != "minmax":
+                extra["CalibStridedMinMax"] = 1  # one sample per collect: variable lengths, bounded memory
             names = [i.name for i in model.graph.input]
             quantize_static(
                 model, str(dst), _Reader(calibration, names), quant_format=QuantFormat.QDQ,
