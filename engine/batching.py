@@ -205,8 +205,6 @@ class BatchingEngine:
             if self._closing:
                 raise EngineClosedError("this BatchingEngine was closed; create a new one to answer more questions")
             if len(self._queue) >= self.max_queue_size:
-                self._purge_cancelled()
-            if len(self._queue) >= self.max_queue_size:
                 self._stats["rejected"] += 1
                 raise QueueFullError(
                     f"{len(self._queue)} calls are waiting (max_queue_size={self.max_queue_size}): the engine is "
@@ -214,6 +212,7 @@ class BatchingEngine:
             self._queue.append(request)
             self._stats["submitted"] += 1
             self._cond.notify()
+        request.future.add_done_callback(lambda f: self._dequeue_if_cancelled(request))
         return request.future
 
     def _timed_out(self, future: concurrent.futures.Future[Result], timeout: float | None) -> RequestTimeoutError:
@@ -224,9 +223,14 @@ class BatchingEngine:
         return RequestTimeoutError(f"no answer within timeout={timeout}s ({where}). The engine is overloaded or the "
                                    "context is very long; raise the timeout or add capacity")
 
-    def _purge_cancelled(self) -> None:
-        if any(r.future.cancelled() for r in self._queue):
-            self._queue = deque(r for r in self._queue if not r.future.cancelled())
+    def _dequeue_if_cancelled(self, request: _Request) -> None:
+        """A call cancelled while waiting (timeout, task cancelled) frees its queue place at once."""
+        if request.future.cancelled():
+            with self._cond:  # an RLock: safe even if cancel() was called under it
+                try:
+                    self._queue.remove(request)
+                except ValueError:  # already taken by a worker, which skips cancelled calls
+                    pass
 
     def _fail_queued(self, error: BaseException) -> None:
         while self._queue:
