@@ -81,11 +81,13 @@ class Worker:
 
 
 class Progress:
-    """One progress bar per system (tqdm on a terminal; a line per step otherwise)."""
+    """One progress bar per system on a terminal (tqdm); elsewhere one log line per phase of each system."""
 
-    def __init__(self, runs: list[SystemRun], totals: dict[str, int], enabled: bool) -> None:
+    def __init__(self, runs: list[SystemRun], totals: dict[str, int], enabled: bool, log: Callable[[str], None]) -> None:
         self.bars: dict[str, Any] = {}
-        self.enabled = enabled
+        self.totals = totals
+        self.log = log
+        self.notes: dict[str, str] = {}
         if not enabled:
             return
         from tqdm import tqdm
@@ -98,6 +100,9 @@ class Progress:
     def set(self, name: str, value: int, note: str | None = None) -> None:
         bar = self.bars.get(name)
         if bar is None:
+            if note is not None and note != self.notes.get(name):
+                self.notes[name] = note
+                self.log(f"bench: {name}: {note} ({value}/{self.totals.get(name, 0)} questions)")
             return
         bar.n = value
         if note is not None:
@@ -120,7 +125,7 @@ def measure(runs: list[SystemRun], settings: QASettings, *, questions: list[str]
     ready = [r for r in runs if r.status == "pending"]
     totals = {r.spec.name: warm_total + repeats * len(batch_sizes) * n for r in ready}
     done = dict.fromkeys(totals, 0)
-    bars = Progress(ready, totals, progress)
+    bars = Progress(ready, totals, progress, log)
     workers: dict[str, Worker] = {}
 
     def fail(run: SystemRun, error: str, tb: str | None = None) -> None:

@@ -71,7 +71,7 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
     from engine import Engine
     from export.squad_data import load_squad
 
-    examples = [e for e in load_squad(args.data)]
+    examples = load_squad(args.data)
     bundle = _bundle_for(args.model)
     rss_start = rss_mb()
     started = time.time()

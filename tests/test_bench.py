@@ -137,3 +137,17 @@ def test_peers_without_a_checkpoint_are_reported_not_dropped(tiny: dict[str, Pat
     assert by[BASELINE]["available"] is False and "checkpoint" in by[BASELINE]["reason"]
     assert by["spanrt-onnxruntime-fp32"]["available"] is True
     assert by["spanrt-onnxruntime-fp32"]["ratios"] is None  # no baseline, no ratios (and no crash)
+
+
+def test_soak_samples_rss_and_reports_growth(tiny: dict[str, Path], tmp_path: Path) -> None:
+    from bench import soak
+
+    args = soak.parse_args(["--model", str(tiny["bundle"]), "--calls", "60", "--warmup-calls", "20", "--sample-every", "10",
+                            "--backend", "onnxruntime", "--precision", "int8", "--threads", "1"])
+    doc = soak.run_soak(args)
+    assert [s["calls"] for s in doc["samples"]] == [0, 10, 20, 30, 40, 50, 60]
+    assert doc["engine"]["backend"] == "onnxruntime" and doc["engine"]["precision"] == "int8"
+    after = [s["rss_mb"] for s in doc["samples"] if s["calls"] >= 20]
+    assert doc["rss_ref_mb"] == after[0] and doc["rss_end_mb"] == after[-1]
+    assert doc["growth"] == pytest.approx((after[-1] - after[0]) / after[0])
+    assert doc["met"] == (doc["growth"] < soak.TARGET_GROWTH)
