@@ -184,7 +184,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, opts: ExportOptions | 
             from export.quantize import quantize
 
             with progress.step(f"quantize INT8 ({opts.int8.recipe}{', %d calibration samples' % len(calib) if opts.int8.recipe == 'static' else ''})"):
-                qinfo = quantize(fused, w.path("model.int8.onnx"), opts.int8, calibration=calib)
+                qinfo = quantize(fused, w.path("model.int8.onnx"), opts.int8, calibration=calib, progress=progress)
             with progress.step("verify INT8 vs PyTorch"):
                 verification["onnx_int8"] = onnx_export.verify_against(
                     reference, onnx_export.ort_session(w.path("model.int8.onnx")), batches, atol=None,
@@ -214,7 +214,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, opts: ExportOptions | 
             from export.quantize import quantize_for_tensorrt
 
             with progress.step(f"quantize INT8 QDQ for TensorRT ({len(calib)} calibration samples)"):
-                tinfo = quantize_for_tensorrt(raw, w.path("model.trt.int8.onnx"), calibration=calib)
+                tinfo = quantize_for_tensorrt(raw, w.path("model.trt.int8.onnx"), calibration=calib, progress=progress)
             with progress.step("verify TensorRT INT8 QDQ graph (ONNX Runtime CPU) vs PyTorch"):
                 verification["onnx_trt_int8"] = onnx_export.verify_against(
                     reference, onnx_export.ort_session(w.path("model.trt.int8.onnx")), batches, atol=None,

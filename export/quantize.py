@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from export.errors import ExportError
+from export.progress import Progress
 from export.samples import EncodedBatch
 
 RECIPES = ("dynamic", "static")
@@ -104,9 +105,10 @@ class _Reader:
     also bounds their memory.
     """
 
-    def __init__(self, batches: list[EncodedBatch], names: list[str]) -> None:
+    def __init__(self, batches: list[EncodedBatch], names: list[str], progress: Progress | None = None) -> None:
         self._feeds = [{n: b.feeds[n] for n in names} for b in batches]
         self._it = iter(self._feeds)
+        self._bar = (progress or Progress(quiet=True)).counter(len(self._feeds), "calibration")
 
     def __len__(self) -> int:
         return len(self._feeds)
@@ -115,10 +117,17 @@ class _Reader:
         self._it = iter(self._feeds[start_index:end_index])
 
     def get_next(self) -> dict[str, Any] | None:
-        return next(self._it, None)
+        item = next(self._it, None)
+        if item is not None:
+            self._bar.update()
+        return item
+
+    def close(self) -> None:
+        self._bar.close()
 
 
-def quantize(src: str | Path, dst: str | Path, cfg: QuantConfig, *, calibration: list[EncodedBatch] | None = None) -> dict[str, Any]:
+def quantize(src: str | Path, dst: str | Path, cfg: QuantConfig, *, calibration: list[EncodedBatch] | None = None,
+             progress: Progress | None = None) -> dict[str, Any]:
     """Write the INT8 model of ``src`` (an optimized fp32 ONNX graph) to ``dst``; return its manifest info."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -162,18 +171,20 @@ def quantize(src: str | Path, dst: str | Path, cfg: QuantConfig, *, calibration:
             if cfg.calibration != "minmax":
                 extra["CalibStridedMinMax"] = 1  # one sample per collect: variable lengths, bounded memory
             names = [i.name for i in model.graph.input]
+            reader = _Reader(calibration, names, progress)
             quantize_static(
-                model, str(dst), _Reader(calibration, names), quant_format=QuantFormat.QDQ,
+                model, str(dst), reader, quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=[t for t in cfg.op_types if t != "Attention"], per_channel=cfg.per_channel,
                 reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 nodes_to_exclude=exclude, calibrate_method=method, extra_options=extra,
             )
+            reader.close()
             info.update(activations="uint8 static (calibrated)", weights="int8 symmetric" + (" per channel" if cfg.per_channel else ""),
                         calibration_batches=len(calibration))
     return info
 
 
-def quantize_for_tensorrt(src: str | Path, dst: str | Path, *, calibration: list[EncodedBatch]) -> dict[str, Any]:
+def quantize_for_tensorrt(src: str | Path, dst: str | Path, *, calibration: list[EncodedBatch], progress: Progress | None = None) -> dict[str, Any]:
     """QDQ INT8 graph for TensorRT's explicit quantization, from the unfused fp32 graph.
 
     TensorRT takes int8 only as symmetric (zero point 0) signed values: activations and weights
@@ -191,14 +202,16 @@ def quantize_for_tensorrt(src: str | Path, dst: str | Path, *, calibration: list
     if not head:
         raise ExportError(f"{src}: span head MatMul (weight [hidden, 2]) not found")
     names = [i.name for i in model.graph.input]
+    reader = _Reader(calibration, names, progress)
     extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "MatMulConstBOnly": True,
              "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1}, "DefaultTensorType": onnx.TensorProto.FLOAT}
     with _quiet_quantizer():
         quantize_static(
-            model, str(dst), _Reader(calibration, names), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+            model, str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
             per_channel=True, reduce_range=False, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
             nodes_to_exclude=head, calibrate_method=CalibrationMethod.MinMax, extra_options=extra,
         )
+    reader.close()
     return {"recipe": "static-qdq-s8s8", "activations": "int8 symmetric static (calibrated, minmax)",
             "weights": "int8 symmetric per output channel", "op_types": ["MatMul"], "excluded_nodes": head,
             "calibration_batches": len(calibration), "target": "tensorrt explicit quantization"}
