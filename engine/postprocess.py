@@ -12,6 +12,7 @@ in the overlap).
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,17 +47,16 @@ class Answer:
 
 @dataclass
 class Candidates:
-    """The span candidates of one example's windows, in context-token coordinates."""
+    """The span candidates of one example's windows (one array entry per window, best first), in
+    context-token coordinates."""
 
-    window: list[np.ndarray] = field(default_factory=list)
     start: list[np.ndarray] = field(default_factory=list)
     end: list[np.ndarray] = field(default_factory=list)
     prob: list[np.ndarray] = field(default_factory=list)
     null_prob: float = math.inf  # the smallest p_start[CLS] * p_end[CLS] over the windows
 
-    def add(self, window: int, start: np.ndarray, end: np.ndarray, prob: np.ndarray, null_prob: float | None) -> None:
+    def add(self, start: np.ndarray, end: np.ndarray, prob: np.ndarray, null_prob: float | None) -> None:
         """Record one window's valid candidates (best first) and its null probability."""
-        self.window.append(np.full(len(start), window, dtype=np.int64))
         self.start.append(start)
         self.end.append(end)
         self.prob.append(prob)
@@ -91,7 +91,27 @@ def collect(
     for r, w in enumerate(windows.tolist()):
         keep = valid[r]
         candidates[example_of_window[w]].add(
-            w, tok_start[r, keep], tok_end[r, keep], probs[r, keep], nulls[r] if nulls is not None else None)
+            tok_start[r, keep], tok_end[r, keep], probs[r, keep], nulls[r] if nulls is not None else None)
+
+
+def _merge_window(best: dict[str, tuple[float, int, int]], text: str, starts: list[int], ends: list[int],
+                  probs: list[float]) -> None:
+    """Merge one window's candidates (best first) into ``best``: same text adds up inside the
+    window, and across windows the larger score (then the earlier position) is kept."""
+    mine: dict[str, list[Any]] = {}
+    for a, z, p in zip(starts, ends, probs):
+        if z <= a:
+            continue  # a token without characters cannot be an answer
+        key = text[a:z].lower()
+        hit = mine.get(key)
+        if hit is None:
+            mine[key] = [p, a, z]  # the window's best candidate of this text keeps its place
+        else:
+            hit[0] += p
+    for key, (p, a, z) in mine.items():
+        old = best.get(key)
+        if old is None or p > old[0] or (p == old[0] and (a, z) < (old[1], old[2])):
+            best[key] = (p, a, z)
 
 
 def finalize(
@@ -108,32 +128,24 @@ def finalize(
     """The example's best ``top_k`` answers, best first (fewer when fewer distinct ones exist)."""
     ctx = example.context
     text = ctx.text
+    best: dict[str, tuple[float, int, int]] = {}  # key -> (score, start, end)
     if cand.start:
-        starts = np.concatenate(cand.start)
-        ends = np.concatenate(cand.end)
         if align_to_words:
-            word_start, word_end = ctx.word_char_spans
-            cs, ce = word_start[starts], word_end[ends]
+            char_start, char_end = ctx.word_char_spans
         else:
-            cs, ce = ctx.offsets[starts, 0], ctx.offsets[ends, 1]
-        rows = zip(np.concatenate(cand.window).tolist(), cs.tolist(), ce.tolist(), np.concatenate(cand.prob).tolist())
-    else:
-        rows = iter(())
-    in_window: dict[tuple[int, str], list[Any]] = {}  # (window, key) -> [prob sum, start, end]
-    for w, a, z, p in rows:
-        if z <= a:
-            continue  # a token without characters cannot be an answer
-        key = (w, text[a:z].lower())
-        hit = in_window.get(key)
-        if hit is None:
-            in_window[key] = [p, a, z]  # the window's best candidate of this text keeps its place
-        else:
-            hit[0] += p
-    best: dict[str, tuple[float, int, int]] = {}
-    for (_, key), (p, a, z) in in_window.items():
-        old = best.get(key)
-        if old is None or p > old[0] or (p == old[0] and (a, z) < (old[1], old[2])):
-            best[key] = (p, a, z)
+            char_start, char_end = ctx.offsets[:, 0], ctx.offsets[:, 1]
+        # Windows in order of their total candidate probability, which bounds any answer they
+        # can give: once top_k answers beat the next window's total, no later window can matter
+        # (the answer is exact; a 1 MB context stops after a few of its thousands of windows).
+        totals = np.asarray([p.sum() for p in cand.prob])
+        order = np.argsort(-totals, kind="stable").tolist()
+        check_at = 1
+        for n, w in enumerate(order):
+            if n == check_at:
+                check_at *= 2
+                if len(best) >= top_k and heapq.nlargest(top_k, (v[0] for v in best.values()))[-1] > totals[w]:
+                    break
+            _merge_window(best, text, char_start[cand.start[w]].tolist(), char_end[cand.end[w]].tolist(), cand.prob[w].tolist())
     ranked = sorted(best.values(), key=lambda c: (-c[0], c[1], c[2]))
     warnings = example.warnings
     answers = [Answer(text[a:z], a, z, p, backend, precision, False, warnings) for p, a, z in ranked[:top_k]]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from runtime_helpers import TOKENIZER_JSON
 
 from engine.postprocess import Answer, Candidates, collect, finalize
@@ -32,7 +34,8 @@ def run(example: Example, cand: Candidates, **kw: object) -> list[Answer]:
 
 
 def add(cand: Candidates, window: int, spans: list[tuple[int, int, float]], null: float | None = None) -> None:
-    cand.add(window, np.array([s for s, _, _ in spans]), np.array([e for _, e, _ in spans]),
+    assert window == len(cand.start)  # windows are added in order, once each
+    cand.add(np.array([s for s, _, _ in spans]), np.array([e for _, e, _ in spans]),
              np.array([p for _, _, p in spans]), null)
 
 
@@ -118,3 +121,39 @@ def test_collect_maps_window_positions_to_context_tokens(example: Example) -> No
     assert [s.tolist() for s in c.start] == [[0], [7]] and [e.tolist() for e in c.end] == [[1], [7]]
     assert np.allclose(np.concatenate(c.prob), np.exp([1.0 - 2.0, 2.0 - 2.0]))
     assert c.null_prob == pytest.approx(np.exp(-1.0 - 2.0))
+
+
+def reference_merge(example: Example, cand: Candidates, top_k: int) -> list[tuple[str, int, int, float]]:
+    """All windows merged, no early stop: the rule stated plainly."""
+    ws, we = example.context.word_char_spans
+    text = example.context.text
+    best: dict[str, tuple[float, int, int]] = {}
+    for s, e, p in zip(cand.start, cand.end, cand.prob):
+        mine: dict[str, list] = {}
+        for a, z, q in zip(ws[s].tolist(), we[e].tolist(), p.tolist()):
+            k = text[a:z].lower()
+            if k in mine:
+                mine[k][0] += q
+            else:
+                mine[k] = [q, a, z]
+        for k, (q, a, z) in mine.items():
+            if k not in best or (-q, a, z) < (-best[k][0], best[k][1], best[k][2]):
+                best[k] = (q, a, z)
+    ranked = sorted(best.values(), key=lambda c: (-c[0], c[1], c[2]))[:top_k]
+    return [(text[a:z], a, z, q) for q, a, z in ranked]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), n_windows=st.integers(1, 40), top_k=st.integers(1, 5))
+def test_early_stop_over_windows_is_exact(example: Example, data: st.DataObject, n_windows: int, top_k: int) -> None:
+    n_tok = len(example.context.ids)
+    cand = Candidates()
+    for _ in range(n_windows):
+        k = data.draw(st.integers(1, 6))
+        s = np.array(data.draw(st.lists(st.integers(0, n_tok - 1), min_size=k, max_size=k)))
+        e = np.minimum(s + np.array(data.draw(st.lists(st.integers(0, 3), min_size=k, max_size=k))), n_tok - 1)
+        # coarse probabilities make ties (and the tie rules) common
+        p = np.sort(np.array(data.draw(st.lists(st.sampled_from([0.0, 0.01, 0.05, 0.1, 0.2, 0.4]), min_size=k, max_size=k))))[::-1]
+        cand.add(s, e, p.copy(), None)
+    got = [(a.text, a.start, a.end, a.score) for a in run(example, cand, top_k=top_k)]
+    assert got == reference_merge(example, cand, top_k)
