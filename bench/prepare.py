@@ -68,6 +68,8 @@ def prepare_one(spec: SystemSpec, source: ModelSource) -> Artifacts:
         return Artifacts(checkpoint=source.checkpoint, onnx_dir=onnx_dir, onnx_file=onnx_file, prepare_s=time.perf_counter() - t0)
     if spec.family == "spanrt":
         bundle = source.bundle
+        if bundle is None and spec.device == "cuda" and source.checkpoint is not None:
+            bundle = _fp16_bundle(source.checkpoint)
         if bundle is None:
             from engine.default_model import default_bundle
             from engine.errors import BackendUnavailableError
@@ -78,6 +80,24 @@ def prepare_one(spec: SystemSpec, source: ModelSource) -> Artifacts:
                 raise SystemUnavailable(str(exc)) from exc
         return Artifacts(checkpoint=source.checkpoint, bundle=bundle, prepare_s=time.perf_counter() - t0)
     raise ValueError(f"unknown system family {spec.family!r}")
+
+
+def _fp16_bundle(checkpoint: Path) -> Path:
+    """A bundle that also holds the fp16 ONNX model the GPU backends load (the default bundle has fp32 and int8 only),
+    built once into the bench cache. TensorRT plans are not built here: the Engine reports when one is missing."""
+    import importlib.util
+
+    from engine.default_model import cache_dir, checkpoint_sha256
+
+    target = cache_dir() / "bench" / "bundles" / f"{checkpoint.name}-{checkpoint_sha256(checkpoint)[:16]}-fp16"
+    if (target / "manifest.json").is_file():
+        return target
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
+        raise SystemUnavailable('building an fp16 bundle needs the export extras: pip install "spanrt[export]"')
+    from export.pipeline import ExportOptions, export_bundle
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(export_bundle(checkpoint, target, ExportOptions(precisions=("fp32", "int8", "fp16"), quiet=True)))
 
 
 def prepare_all(names: list[str], model: str | None) -> dict[str, Any]:

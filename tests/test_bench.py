@@ -50,9 +50,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
 
 @pytest.fixture(scope="module")
 def quick_run(tiny: dict[str, Path]) -> dict[str, Any]:
-    """`python -m bench --quick --limit 20 --model BUNDLE --out DIR` once for the module."""
+    """`python -m bench --quick --limit 20 --model CHECKPOINT --out DIR` once for the module (the bundle is built and cached)."""
     out = tiny["root"] / "out"
-    code = bench_run.main(["--quick", "--limit", "20", "--model", str(tiny["bundle"]), "--out", str(out), "--no-progress"])
+    code = bench_run.main(["--quick", "--limit", "20", "--model", str(tiny["checkpoint"]), "--out", str(out), "--no-progress"])
     return {"code": code, "out": out, "results": json.loads((out / "results.json").read_text())}
 
 
