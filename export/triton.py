@@ -341,7 +341,8 @@ def check_ensemble(cfgs: dict[str, dict[str, Any]]) -> None:
         where = f"ensemble {ens['name']}"
         tensors: dict[str, tuple[str, str, list[int], list[int]]] = {}  # name -> (from model, type, dims, full dims)
 
-        def meet(name: str, model: str, dtype: str, dims: list[int], batching: bool, where: str = where) -> None:
+        def meet(name: str, model: str, dtype: str, dims: list[int], batching: bool, where: str = where,
+                 tensors: dict[str, tuple[str, str, list[int], list[int]]] = tensors) -> None:
             full = ([-1] if batching else []) + list(dims)
             if name not in tensors:
                 tensors[name] = (model, dtype, list(dims), full)

@@ -262,9 +262,9 @@ def test_close_drains_or_fails_waiting_calls(gated: tuple[Engine, Gate], bundle:
         gate.open.clear()
         gate.entered.clear()
         be = BatchingEngine(e, max_batch_size=1, max_delay_ms=0, timeout_s=None)
-        got = [None, None]
+        got: list[Any] = [None, None]
 
-        def call(i: int, be: BatchingEngine = be) -> None:
+        def call(i: int, be: BatchingEngine = be, got: list[Any] = got) -> None:
             try:
                 got[i] = be.answer("colour?", context_for(i))
             except EngineClosedError as err:

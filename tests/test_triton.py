@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from runtime_helpers import lookup_bundle, planted, write_lookup_onnx, lookup_tables
+from runtime_helpers import lookup_bundle, lookup_tables, planted, write_lookup_onnx
 
 pytest.importorskip("tritonclient.grpc.model_config_pb2")
 from google.protobuf import json_format, text_format  # noqa: E402
@@ -28,7 +28,15 @@ from tritonclient.grpc import model_config_pb2 as mc  # noqa: E402
 from engine import Engine  # noqa: E402
 from export.errors import ExportError  # noqa: E402
 from export.triton import (  # noqa: E402
-    DECODE, ENSEMBLE, MARKER, MODEL, TOKENIZE, TritonOptions, main, validate_repository, write_repository,
+    DECODE,
+    ENSEMBLE,
+    MARKER,
+    MODEL,
+    TOKENIZE,
+    TritonOptions,
+    main,
+    validate_repository,
+    write_repository,
 )
 
 ANSWER = "Zanzibar Island"
