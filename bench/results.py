@@ -54,6 +54,10 @@ def predictions_of(pass_: dict[str, Any], qids: list[str]) -> dict[str, str]:
     return {q: p[0] for q, p in zip(qids, pass_["predictions"], strict=True)}
 
 
+def _spans(pass_: dict[str, Any]) -> list[tuple[str, int | None, int | None]]:
+    return [(p[0], p[1], p[2]) for p in pass_["predictions"]]
+
+
 def _accuracy(dataset_json: dict[str, Any], preds: dict[str, str]) -> dict[str, float]:
     out = score(dataset_json, preds)
     return {k: v for k, v in out.items() if k != "version"}
@@ -86,7 +90,7 @@ def summarize_system(run: SystemRun, questions: Questions, dataset_json: dict[st
         for b, ps in sorted(run.passes.items())
     }
     entry["answers_stable_across_repeats"] = {
-        str(b): all(p["predictions"] == ps[0]["predictions"] for p in ps) if len(ps) > 1 else None for b, ps in sorted(run.passes.items())
+        str(b): all(_spans(p) == _spans(ps[0]) for p in ps) if len(ps) > 1 else None for b, ps in sorted(run.passes.items())
     }
     entry["throughput_qps"] = {str(b): float(statistics.median(throughput(ps))) for b, ps in sorted(run.passes.items())}
     entry["throughput_qps_range"] = {str(b): [min(throughput(ps)), max(throughput(ps))] for b, ps in sorted(run.passes.items())}
