@@ -7,7 +7,7 @@ import numpy.typing as npt
 
 WITH_CUDA: bool
 CUDA_ARCHITECTURES: str
-WITH_OPENMP: bool
+SANITIZED: bool
 
 _Outputs = tuple[Any, Any, Any | None, Any | None, Any | None]
 

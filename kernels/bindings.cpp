@@ -3,6 +3,7 @@
 // with the GIL released. engine/decode.py is the public front end; see engine/_kernels.pyi.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <array>
 #include <limits>
@@ -357,10 +358,10 @@ PYBIND11_MODULE(_kernels, m) {
   m.attr("WITH_CUDA") = false;
   m.attr("CUDA_ARCHITECTURES") = "";
 #endif
-#if defined(_OPENMP)
-  m.attr("WITH_OPENMP") = true;
+#if defined(SPANRT_SANITIZED)
+  m.attr("SANITIZED") = true;  // built with SPANRT_SANITIZE=ON (ASan + UBSan)
 #else
-  m.attr("WITH_OPENMP") = false;
+  m.attr("SANITIZED") = false;
 #endif
 
   py::register_exception_translator([](std::exception_ptr pointer) {

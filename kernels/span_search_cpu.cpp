@@ -1,11 +1,14 @@
-// The C++ span search: one row at a time per thread, rows in parallel (OpenMP when available).
+// The C++ span search: one row at a time per thread; large batches are split over std::threads.
+//
+// Threads are started per call and joined (no spinning pool): a thread costs ~10-50 us, so one is
+// added only per ~2M span evaluations (about a millisecond of work). A typical batch (64 windows
+// of 384 tokens, L = 30) decodes in a few hundred microseconds on the calling thread alone, and
+// never competes for cores with the model runtime. (An OpenMP version spun waiting threads and
+// ran 50-800x slower on an oversubscribed machine.)
 #include <algorithm>
 #include <atomic>
+#include <thread>
 #include <vector>
-
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
 
 #include "spanrt/span_search.h"
 
@@ -151,32 +154,48 @@ int64_t span_search_cpu(const SpanSearchParams& p) {
   // A row has at most n * window spans: the heap never needs more room than that.
   const int64_t capacity = std::min(p.top_k, n * window);
   std::atomic<int64_t> first_nan_row{-1};
-  auto note_nan = [&first_nan_row](int64_t row) {
-    int64_t seen = first_nan_row.load();
-    while ((seen < 0 || row < seen) && !first_nan_row.compare_exchange_weak(seen, row)) {
-    }
-  };
-  // Threads only pay off when there is real work: ~50k span evaluations per extra thread.
-  const int64_t work = p.batch * n * window;
-  const bool parallel = p.batch > 1 && work >= 100000;
-  (void)parallel;
-#if defined(_OPENMP)
-#pragma omp parallel if (parallel)
-#endif
-  {
+
+  // Decodes rows [begin, end) and records the first row holding NaN.
+  auto decode_rows = [&](int64_t begin, int64_t end) {
     RowScratch scratch;
     scratch.start.resize(n);
     scratch.end.resize(n);
     scratch.best_end.resize(n);
     scratch.window.resize(n);
     if (p.top_k > 1) scratch.heap.reserve(capacity);
-#if defined(_OPENMP)
-#pragma omp for schedule(static)
-#endif
-    for (int64_t row = 0; row < p.batch; ++row) {
-      if (search_row(p, row, scratch, capacity)) note_nan(row);
+    for (int64_t row = begin; row < end; ++row) {
+      if (!search_row(p, row, scratch, capacity)) continue;
+      int64_t seen = first_nan_row.load();
+      while ((seen < 0 || row < seen) && !first_nan_row.compare_exchange_weak(seen, row)) {
+      }
     }
+  };
+
+  constexpr int64_t kSpansPerThread = int64_t{1} << 21;
+  const int64_t work = p.batch * n * window;
+  const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  const int64_t threads = std::max<int64_t>(1, std::min({cores, p.batch, work / kSpansPerThread}));
+  if (threads == 1) {
+    decode_rows(0, p.batch);
+    return first_nan_row.load();
   }
+  std::vector<std::thread> workers;
+  workers.reserve(threads - 1);
+  const int64_t chunk = (p.batch + threads - 1) / threads;
+  auto join_all = [&workers] {
+    for (std::thread& worker : workers) worker.join();
+  };
+  try {
+    for (int64_t t = 1; t < threads; ++t) {
+      const int64_t begin = std::min(p.batch, t * chunk);
+      workers.emplace_back(decode_rows, begin, std::min(p.batch, begin + chunk));
+    }
+  } catch (...) {  // a thread could not start: finish the started ones, then report
+    join_all();
+    throw;
+  }
+  decode_rows(0, std::min(p.batch, chunk));
+  join_all();
   return first_nan_row.load();
 }
 

@@ -276,6 +276,17 @@ int main() {
   infinities.end[3] = kInf;
   cases.push_back(infinities);
   std::mt19937 rng(20241127);
+  {  // enough work for several threads (>= 2M span evaluations), NaN rows in two chunks
+    Case big = filled("threads", 64, 512, 128, 3, 0.0f, 1);
+    std::normal_distribution<float> normal(0.0f, 3.0f);
+    for (float& x : big.start) x = normal(rng);
+    for (float& x : big.end) x = normal(rng);
+    cases.push_back(big);
+    big.name = "threads, NaN rows 40 and 9";
+    big.end[40 * 512 + 7] = std::nanf("");
+    big.start[9 * 512 + 500] = std::nanf("");
+    cases.push_back(big);
+  }
   for (int i = 0; i < 400; ++i) cases.push_back(random_case(rng, "random " + std::to_string(i)));
 
   int64_t passed = 0, failed = 0;
