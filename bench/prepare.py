@@ -114,7 +114,7 @@ def prepare_all(names: list[str], model: str | None) -> dict[str, Any]:
     try:
         source = resolve_model(model)
     except Exception as exc:  # noqa: BLE001 - every system gets the reason, none is dropped
-        return {"model": None, "systems": {n: {"reason": f"model not usable: {type(exc).__name__}: {exc}"} for n in names}}
+        return {"model": None, "systems": {n: {"reason": f"model not usable: {type(exc).__name__}: {exc}", "failed": True} for n in names}}
     out: dict[str, Any] = {}
     for name in names:
         try:

@@ -218,6 +218,9 @@ def main(argv: list[str]) -> int:
     if args.out is not None:
         written = write_outputs(results, args.out)
         print(f"\nwrote {', '.join(str(p) for p in written[:4])}" + (f" and {len(written) - 4} more" if len(written) > 4 else ""))
+    if not any(s["available"] for s in results["systems"]):
+        print("\nno system could run here: see the reasons above", file=sys.stderr)
+        return 1
     failed = [s["name"] for s in results["systems"] if s["status"] == "failed"]
     if failed:
         print(f"\nFAILED: {', '.join(failed)} (see the reason above{' and results.json' if args.out else ''})", file=sys.stderr)
