@@ -49,8 +49,7 @@ def check_target(out: str | Path, *, force: bool) -> Path:
             raise ExportError(f"{p} exists and is not a folder; refusing to replace it even with --force")
         if not _is_bundle_or_empty(p):
             raise ExportError(f"{p} exists and is not a SpanRT bundle; refusing to delete it even with --force (choose another --out)")
-    if not p.parent.exists():
-        raise ExportError(f"{p.parent} does not exist; create it first")
+    p.parent.mkdir(parents=True, exist_ok=True)
     return p
 
 
