@@ -34,6 +34,7 @@ GROUP_SIZE = 256  # questions tokenized and answered together (bounds memory for
 MAX_TOP_K = 1000  # more answers than this per question is a mistake, not a request
 DEFAULT_MAX_ANSWER_LEN = 30
 DEFAULT_MAX_BATCH_SIZE = 32
+PIPELINE_MAX_ANSWER_LEN = 15  # the transformers pipeline's default, kept by engine.pipeline
 STAGES = ("tokenize", "model", "decode")
 
 # Options with the Hugging Face pipeline's names that mean something else (or nothing) here.
@@ -453,6 +454,7 @@ class QAPipeline:
 
     Results follow the pipeline's shapes, quirks included: one dict for one answer, a list of
     dicts for top_k > 1 (a single dict when only one answer exists), a list per question for lists.
+    Defaults are the pipeline's too (max_answer_len=15, align_to_words=True).
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -474,6 +476,7 @@ class QAPipeline:
                 raise InvalidInputError("pass question= and context= (or a {'question': ..., 'context': ...} dict)")
         if question is None or context is None:
             raise InvalidInputError("both question and context are required")
+        options.setdefault("max_answer_len", PIPELINE_MAX_ANSWER_LEN)
         result = self.engine.answer(question, context, **options)
         top_k = options.get("top_k", 1)
         if isinstance(question, (list, tuple)) or isinstance(context, (list, tuple)):

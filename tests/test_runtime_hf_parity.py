@@ -120,3 +120,17 @@ def test_batched_answers_match_single_ones(tiny, questions) -> None:  # type: ig
         batch = eng.answer([q for q, _ in questions], [c for _, c in questions])
     assert [(a.text, a.start, a.end) for a in batch] == [(a.text, a.start, a.end) for a in single]
     assert [a.score for a in batch] == pytest.approx([a.score for a in single], rel=1e-4)
+
+
+def test_drop_in_pipeline_with_default_options(tiny, hf_pipeline, questions) -> None:  # type: ignore[no-untyped-def]
+    from engine import pipeline
+
+    qa = pipeline("question-answering", model=str(tiny[1]), backend="onnxruntime", precision="fp32", threads=1)
+    try:
+        for q, c in questions:
+            (want,) = hf_call(hf_pipeline, q, c)  # the pipeline's defaults: max_answer_len=15, align_to_words=True
+            got = qa(question=q, context=c)
+            assert (got["answer"], got["start"], got["end"]) == (want["answer"], want["start"], want["end"])
+            assert got["score"] == pytest.approx(want["score"], rel=2e-3, abs=1e-6)
+    finally:
+        qa.close()
