@@ -106,13 +106,20 @@ def closed_loop(call: Any, pairs: list[tuple[str, str]], *, clients: int, reques
     for t in threads:
         t.start()
     deadline[0] = time.perf_counter() + duration
+    cpu0 = time.process_time()
     t_start = time.perf_counter()
     start.wait()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t_start
+    cpu = time.process_time() - cpu0
+    if not latencies:
+        raise RuntimeError(f"no call of this phase succeeded ({len(errors)} failed; first: {errors[:3]})")
+    # CPU seconds per answer (all threads of the process): the cost of an answer, which unlike
+    # throughput does not depend on how much of a shared machine this process was given.
     return {"clients": clients, "completed": len(latencies), "errors": len(errors), "first_errors": errors[:3],
-            "elapsed_s": elapsed, "throughput_qps": len(latencies) / elapsed, **percentiles(latencies), "answers": answers}
+            "elapsed_s": elapsed, "throughput_qps": len(latencies) / elapsed, "cpu_s": cpu,
+            "cpu_ms_per_answer": 1000 * cpu / max(1, len(latencies)), **percentiles(latencies), "answers": answers}
 
 
 def run_load(args: argparse.Namespace) -> dict[str, Any]:
@@ -152,7 +159,8 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
 def _progress(phase: dict[str, Any]) -> None:
     extra = f", mean batch {phase['batching_stats']['mean_batch']:.1f}" if "batching_stats" in phase else ""
     print(f"load: {phase['phase']:<8} x{phase['clients']:<3} {phase['completed']} answers in {phase['elapsed_s']:.1f}s: "
-          f"{phase['throughput_qps']:.1f} q/s, p50 {phase['p50_ms']:.1f} ms, p99 {phase['p99_ms']:.1f} ms{extra}",
+          f"{phase['throughput_qps']:.1f} q/s, p50 {phase['p50_ms']:.1f} ms, p99 {phase['p99_ms']:.1f} ms, "
+          f"CPU {phase['cpu_ms_per_answer']:.1f} ms/answer{extra}",
           file=sys.stderr, flush=True)
 
 
@@ -179,6 +187,9 @@ def _summarize(args: argparse.Namespace, phases: list[dict[str, Any]], used: dic
         "batching_p99_ms": batched_p99, "speedup": batched_qps / plain_qps,
         "batching_p99_over_single_p50": batched_p99 / single["p50_ms"],
         "mean_batch": float(np.mean([b["batching_stats"]["mean_batch"] for b in batched])),
+        "single_cpu_ms_per_answer": single["cpu_ms_per_answer"],
+        "plain_cpu_ms_per_answer": float(np.median([p["cpu_ms_per_answer"] for p in plain])),
+        "batching_cpu_ms_per_answer": float(np.median([b["cpu_ms_per_answer"] for b in batched])),
         "same_answer_rate": same / total if total else None,
     }
     summary["met_throughput"] = summary["speedup"] >= TARGET_SPEEDUP
