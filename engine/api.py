@@ -414,9 +414,15 @@ def _engine_for(model: Any, backend: str, precision: str | None) -> Engine:
             raise InvalidInputError("backend and precision are set when an Engine is created; do not pass them with model=Engine")
         return model
     if model is None:
+        eng = _engines.get(("<default>", backend, precision))  # no file system look-up per call
+        if eng is not None and not eng.closed:
+            return eng
         from engine.default_model import default_bundle
 
-        model = default_bundle()
+        eng = _engine_for(default_bundle(), backend, precision)
+        with _engines_lock:
+            _engines[("<default>", backend, precision)] = eng
+        return eng
     if not isinstance(model, (str, os.PathLike)):
         raise InvalidInputError(f"model must be None (the default model), a bundle folder or an Engine, got {type(model).__name__}")
     key = (str(Path(model).resolve()), backend, precision)
