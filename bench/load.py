@@ -50,10 +50,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=None, help="BatchingEngine max_batch_size (default: --clients)")
     p.add_argument("--max-delay-ms", type=float, default=2.0, help="BatchingEngine max_delay_ms (default 2)")
     p.add_argument("--workers", type=int, default=1, help="BatchingEngine workers (default 1)")
+    p.add_argument("--engine-batch", type=int, default=32,
+                   help="Engine max_batch_size: windows per model call; batched calls are length-sorted first (default 32)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="SQuAD-format file whose questions are asked")
     p.add_argument("--out", type=Path, default=None, help="write load.json here")
     args = p.parse_args(argv)
-    for name in ("clients", "requests", "single_requests", "repeats", "workers"):
+    for name in ("clients", "requests", "single_requests", "repeats", "workers", "engine_batch"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.duration <= 0 or args.warmup < 0 or args.max_delay_ms < 0:
@@ -134,7 +136,8 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
     max_batch = args.max_batch_size or args.clients
     started = time.time()
     phases: list[dict[str, Any]] = []
-    with Engine(bundle, backend=args.backend, precision=args.precision, threads=args.threads) as eng:
+    with Engine(bundle, backend=args.backend, precision=args.precision, threads=args.threads,
+                max_batch_size=args.engine_batch) as eng:
         used = {"backend": eng.backend, "precision": eng.precision, "device": eng.device, "bundle": str(eng.bundle.root),
                 "details": eng.backend_details}
         eng.warmup()
@@ -202,6 +205,7 @@ def _summarize(args: argparse.Namespace, phases: list[dict[str, Any]], used: dic
         "settings": {"clients": args.clients, "requests": args.requests, "duration_s": args.duration,
                      "single_requests": args.single_requests, "warmup": args.warmup, "repeats": args.repeats,
                      "max_batch_size": max_batch, "max_delay_ms": args.max_delay_ms, "workers": args.workers,
+                     "engine_batch": args.engine_batch,
                      "threads": args.threads, "data": str(args.data)},
         "targets": {"speedup": TARGET_SPEEDUP, "batching_p99_over_single_p50": TARGET_P99_OVER_SINGLE_P50},
         "summary": summary, "phases": phases,
