@@ -15,10 +15,11 @@ the u8s8 multiply-add can saturate; it is recorded in the manifest.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,10 +88,11 @@ def span_head_nodes(model: Any) -> list[str]:
 
 @contextmanager
 def _quiet_quantizer() -> Iterator[None]:
-    """Silence the quantizer's advice (root-logger warnings, Python warnings) while it runs."""
+    """Silence the quantizer's chatter (root-logger warnings, Python warnings, and the histogram
+    calibrators' print() per sample) while it runs; the progress bar goes to stderr."""
     logging.disable(logging.WARNING)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), open(os.devnull, "w") as sink, redirect_stdout(sink):
             warnings.simplefilter("ignore")
             yield
     finally:
