@@ -189,7 +189,7 @@ def test_full_queue_raises_queue_full_at_once(gated: tuple[Engine, Gate]) -> Non
         t0 = time.perf_counter()
         with pytest.raises(QueueFullError, match="max_queue_size=2"):
             be.answer("one too many?", context_for(3))
-        assert time.perf_counter() - t0 < 0.5  # refused at once, not after waiting
+        assert time.perf_counter() - t0 < 5.0  # refused at once (waiting would last until the gate opens)
         gate.open.set()
         for t in (first, *waiting):
             t.join(10)
