@@ -10,7 +10,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from engine import errors
-from engine.errors import BackendUnavailableError, BundleError, EngineClosedError, InvalidInputError, UnknownOptionError
+from engine.errors import (
+    BackendUnavailableError,
+    BundleError,
+    EngineClosedError,
+    InvalidInputError,
+    UnknownOptionError,
+)
 
 if TYPE_CHECKING:
     from engine.api import Answer, Engine, QAPipeline, answer, pipeline

@@ -15,16 +15,25 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from typing_extensions import Self
 
 from engine.backends import BACKENDS, open_backend
 from engine.batcher import WindowTable, build_batch, plan_batches
 from engine.bundle import PRECISIONS, Bundle, load_bundle
 from engine.errors import EngineClosedError, InvalidInputError, UnknownOptionError
 from engine.postprocess import Answer, Candidates, collect, finalize
-from engine.preprocess import DEFAULT_MAX_QUESTION_LEN, Example, TextEncoder, make_example
+from engine.preprocess import (
+    DEFAULT_MAX_QUESTION_LEN,
+    Example,
+    TextEncoder,
+    make_example,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ["Answer", "Engine", "QAPipeline", "answer", "pipeline"]
 
@@ -45,8 +54,8 @@ _HF_HINTS = {
     "data": "pass question= and context=",
 }
 
-QuestionArg = Union[str, Sequence[str]]
-Result = Union[Answer, list[Answer]]
+QuestionArg = str | Sequence[str]
+Result = Answer | list[Answer]
 
 
 def _check_text(value: Any, what: str) -> str:
@@ -287,7 +296,7 @@ class Engine:
                 self._state.wait()
         self._backend.close()
 
-    def __enter__(self) -> Engine:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -118,7 +118,7 @@ class TextEncoder:
         path = Path(tokenizer_path)
         try:
             tok = Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception for unreadable files
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for unreadable files
             raise BundleError(f"tokenizer {path}: cannot be loaded ({e}). Fix: export the bundle again") from None
         tok.no_truncation()
         tok.no_padding()

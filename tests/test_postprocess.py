@@ -28,7 +28,7 @@ def tok(example: Example, word: str, nth: int = 0) -> int:
 
 
 def run(example: Example, cand: Candidates, **kw: object) -> list[Answer]:
-    opts = dict(top_k=5, align_to_words=True, handle_impossible=False, null_threshold=0.0, backend="b", precision="p")
+    opts = {"top_k": 5, "align_to_words": True, "handle_impossible": False, "null_threshold": 0.0, "backend": "b", "precision": "p"}
     opts.update(kw)
     return finalize(example, cand, **opts)  # type: ignore[arg-type]
 

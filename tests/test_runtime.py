@@ -194,7 +194,7 @@ def test_ten_thousand_questions_in_one_call(eng: Engine) -> None:
 
 
 def test_one_megabyte_context_in_bounded_batches(eng: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    import engine.api as api
+    from engine import api
 
     sizes: list[int] = []
     real = api.build_batch
@@ -283,7 +283,7 @@ def test_module_answer_reuses_one_engine_per_bundle(bundle: Path) -> None:
     a = engine.answer("where?", "to Zanzibar Island", model=bundle, backend="onnxruntime")
     b = engine.answer("where?", "to Zanzibar Island", model=str(bundle), backend="onnxruntime")
     assert a == b and a.text == ANSWER
-    import engine.api as api
+    from engine import api
 
     assert sum(1 for k in api._engines if k[0] == str(bundle.resolve())) == 1
     with pytest.raises(InvalidInputError, match="model must be"):

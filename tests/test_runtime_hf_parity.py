@@ -17,10 +17,10 @@ transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "QuestionAnsweringPipeline"):  # removed in transformers 5.3
     pytest.skip("this transformers has no question-answering pipeline", allow_module_level=True)
 
-from runtime_helpers import TOKENIZER_JSON  # noqa: E402
+from runtime_helpers import TOKENIZER_JSON
 
-from engine import Engine  # noqa: E402
-from export.squad_data import load_squad  # noqa: E402
+from engine import Engine
+from export.squad_data import load_squad
 
 DEV = Path(__file__).resolve().parents[1] / "bench" / "data" / "squad" / "dev-v1.1.json.gz"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")

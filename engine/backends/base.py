@@ -53,7 +53,7 @@ class Backend(abc.ABC):
         """``array`` where this backend's logits live (host backends return it unchanged)."""
         return array
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:
         """Free the model and its buffers; the backend is unusable afterwards."""
 
 

@@ -12,7 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from engine.backends.base import Backend, Consume, T, default_threads, onnx_numpy_dtype, require_artifact
+from engine.backends.base import (
+    Backend,
+    Consume,
+    T,
+    default_threads,
+    onnx_numpy_dtype,
+    require_artifact,
+)
 from engine.bundle import Artifact, Bundle
 from engine.errors import BackendUnavailableError, BundleError
 

@@ -15,7 +15,12 @@ from typing import Any
 import numpy as np
 
 from engine.backends.base import Backend, Consume, T, default_threads, require_artifact
-from engine.backends.onnxruntime_cpu import check_io, import_onnxruntime, open_session, session_options
+from engine.backends.onnxruntime_cpu import (
+    check_io,
+    import_onnxruntime,
+    open_session,
+    session_options,
+)
 from engine.bundle import Bundle
 from engine.errors import BackendUnavailableError
 
