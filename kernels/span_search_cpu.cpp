@@ -1,7 +1,7 @@
 // The C++ span search: one row at a time per thread; large batches are split over std::threads.
 //
 // Threads are started per call and joined (no spinning pool): a thread costs ~10-50 us, so one is
-// added only per ~2M span evaluations (about a millisecond of work). A typical batch (64 windows
+// added only per ~1M span evaluations (0.3-1 ms of work). A typical batch (64 windows
 // of 384 tokens, L = 30) decodes in a few hundred microseconds on the calling thread alone, and
 // never competes for cores with the model runtime. (An OpenMP version spun waiting threads and
 // ran 50-800x slower on an oversubscribed machine.)
@@ -171,7 +171,7 @@ int64_t span_search_cpu(const SpanSearchParams& p) {
     }
   };
 
-  constexpr int64_t kSpansPerThread = int64_t{1} << 21;
+  constexpr int64_t kSpansPerThread = int64_t{1} << 20;
   const int64_t work = p.batch * n * window;
   const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
   const int64_t threads = std::max<int64_t>(1, std::min({cores, p.batch, work / kSpansPerThread}));

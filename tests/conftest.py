@@ -7,6 +7,7 @@ NumPy arrays to the GPU (torch first, then CuPy) and back.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 from typing import Any
@@ -38,10 +39,10 @@ class DeviceArrays:
         if self.library == "torch":
             import torch
 
-            return torch.from_numpy(np.ascontiguousarray(array)).to("cuda")
+            return torch.from_numpy(np.array(array, order="C", copy=True)).to("cuda")
         import cupy
 
-        return cupy.asarray(np.ascontiguousarray(array))
+        return cupy.asarray(np.array(array, order="C", copy=True))
 
     def empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
         """An uninitialised device array."""
@@ -79,6 +80,10 @@ def _cuda_setup() -> tuple[DeviceArrays | None, str]:
         return None, f"engine._kernels is not built ({error})"
     if not _kernels.WITH_CUDA:
         return None, "engine._kernels was built without CUDA (SPANRT_CUDA=OFF or no nvcc)"
+    try:  # no driver, no GPU: decided without importing torch (seconds)
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None, "no NVIDIA driver (libcuda.so.1) on this machine"
     try:
         import torch
 
@@ -103,7 +108,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             pytest.skip(reason)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def device() -> DeviceArrays:
     """Device-array helpers for `cuda`-marked tests."""
     arrays, reason = _cuda_setup()

@@ -149,7 +149,7 @@ def test_realistic_batch() -> None:
 
 
 def test_large_batch_split_over_threads() -> None:
-    # 24 x 512 x 200 = 2.4M span evaluations: enough for the decoder to use several threads
+    # 24 x 512 x 200 = 2.4M span evaluations: the decoder splits the rows over 2+ threads
     rng = np.random.default_rng(9)
     start, end = rng.normal(0, 3, (2, 24, 512)).astype(np.float32)
     mask = rng.random((24, 512)) < 0.9

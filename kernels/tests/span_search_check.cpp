@@ -276,7 +276,7 @@ int main() {
   infinities.end[3] = kInf;
   cases.push_back(infinities);
   std::mt19937 rng(20241127);
-  {  // enough work for several threads (>= 2M span evaluations), NaN rows in two chunks
+  {  // enough work for several threads (4M span evaluations), NaN rows in two chunks
     Case big = filled("threads", 64, 512, 128, 3, 0.0f, 1);
     std::normal_distribution<float> normal(0.0f, 3.0f);
     for (float& x : big.start) x = normal(rng);
