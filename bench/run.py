@@ -160,7 +160,7 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     if load_before is not None and load_before / cores > BUSY_LOAD:
         notes.append(f"the machine was busy before the run (load average {load_before:.2f} on {cores} cores): other processes "
                      "competed for the CPU, so absolute figures are low and ratios are noisy")
-    systems = build_systems(runs, questions, args.batch_sizes)
+    systems = build_systems(runs, questions)
     machine = machine_info()
     machine["load_average_before"], machine["load_average_after"] = load_before, load_after
     return {
@@ -181,7 +181,7 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         },
         "baseline": BASELINE,
         "systems": systems,
-        "targets": check_targets(systems, args.batch_sizes),
+        "targets": check_targets(systems),
         "notes": notes,
     }
 
