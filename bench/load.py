@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import random
 import sys
 import threading
 import time
@@ -30,6 +31,7 @@ from bench.dataset import DEFAULT_DATA
 from bench.machine import git_info, machine_info, package_versions
 
 TARGET_SPEEDUP = 2.0
+SHUFFLE_SEED = 20261127
 TARGET_P99_OVER_SINGLE_P50 = 2.0
 
 
@@ -52,14 +54,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="BatchingEngine workers (default 1)")
     p.add_argument("--engine-batch", type=int, default=32,
                    help="Engine max_batch_size: windows per model call; batched calls are length-sorted first (default 32)")
+    p.add_argument("--cost-questions", type=int, default=96,
+                   help="questions of the CPU-cost phase: one thread, batch 1 vs batches of --max-batch-size (0: skip)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="SQuAD-format file whose questions are asked")
     p.add_argument("--out", type=Path, default=None, help="write load.json here")
     args = p.parse_args(argv)
     for name in ("clients", "requests", "single_requests", "repeats", "workers", "engine_batch"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
-    if args.duration <= 0 or args.warmup < 0 or args.max_delay_ms < 0:
-        p.error("--duration must be positive, --warmup and --max-delay-ms >= 0")
+    if args.duration <= 0 or args.warmup < 0 or args.max_delay_ms < 0 or args.cost_questions < 0:
+        p.error("--duration must be positive; --warmup, --max-delay-ms and --cost-questions >= 0")
     return args
 
 
@@ -124,6 +128,23 @@ def closed_loop(call: Any, pairs: list[tuple[str, str]], *, clients: int, reques
             "cpu_ms_per_answer": 1000 * cpu / max(1, len(latencies)), **percentiles(latencies), "answers": answers}
 
 
+def cpu_cost(eng: Any, pairs: list[tuple[str, str]], batch: int) -> dict[str, float]:
+    """Process CPU milliseconds per answer at batch 1 (``answer``) and in batches of ``batch``
+    (``answer_batch``), same questions, one caller thread: what batching saves per answer, a
+    figure that does not depend on how much of a shared machine the process gets."""
+    qs, cs = [q for q, _ in pairs], [c for _, c in pairs]
+    t0 = time.process_time()
+    for q, c in pairs:
+        eng.answer(q, c)
+    one = time.process_time() - t0
+    t0 = time.process_time()
+    for i in range(0, len(pairs), batch):
+        eng.answer_batch(qs[i : i + batch], cs[i : i + batch])
+    many = time.process_time() - t0
+    return {"questions": len(pairs), "batch": batch, "batch1_cpu_ms_per_answer": 1000 * one / len(pairs),
+            "batched_cpu_ms_per_answer": 1000 * many / len(pairs), "cpu_saving": 1 - many / one}
+
+
 def run_load(args: argparse.Namespace) -> dict[str, Any]:
     """Run the phases; returns the load document."""
     from bench.soak import _bundle_for
@@ -132,10 +153,21 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
     from export.squad_data import load_squad
 
     pairs = [(e.question, e.context) for e in load_squad(args.data)]
+    # A fixed shuffle: consecutive dev questions share a context, which would flatter batching
+    # (answer_batch tokenizes each distinct context once); a service's requests rarely do.
+    random.Random(SHUFFLE_SEED).shuffle(pairs)
     bundle = _bundle_for(args.model)
     max_batch = args.max_batch_size or args.clients
     started = time.time()
     phases: list[dict[str, Any]] = []
+    cost = None
+    if args.cost_questions:
+        # One intra-op thread: no idle pool threads spinning into the CPU time being measured.
+        with Engine(bundle, backend=args.backend, precision=args.precision, threads=1, max_batch_size=args.engine_batch) as eng1:
+            eng1.warmup()
+            cost = cpu_cost(eng1, pairs[: args.cost_questions], max_batch)
+        print(f"load: CPU cost, one thread: {cost['batch1_cpu_ms_per_answer']:.1f} ms/answer at batch 1, "
+              f"{cost['batched_cpu_ms_per_answer']:.1f} ms/answer in batches of {max_batch}", file=sys.stderr, flush=True)
     with Engine(bundle, backend=args.backend, precision=args.precision, threads=args.threads,
                 max_batch_size=args.engine_batch) as eng:
         used = {"backend": eng.backend, "precision": eng.precision, "device": eng.device, "bundle": str(eng.bundle.root),
@@ -156,7 +188,9 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
                 stats = be.stats()
             phases.append({"phase": "batching", "repeat": r, **batched, "batching_stats": stats})
             _progress(phases[-1])
-    return _summarize(args, phases, used, started, max_batch)
+    doc = _summarize(args, phases, used, started, max_batch)
+    doc["cpu_cost"] = cost
+    return doc
 
 
 def _progress(phase: dict[str, Any]) -> None:
@@ -206,7 +240,7 @@ def _summarize(args: argparse.Namespace, phases: list[dict[str, Any]], used: dic
                      "single_requests": args.single_requests, "warmup": args.warmup, "repeats": args.repeats,
                      "max_batch_size": max_batch, "max_delay_ms": args.max_delay_ms, "workers": args.workers,
                      "engine_batch": args.engine_batch,
-                     "threads": args.threads, "data": str(args.data)},
+                     "threads": args.threads, "cost_questions": args.cost_questions, "data": str(args.data)},
         "targets": {"speedup": TARGET_SPEEDUP, "batching_p99_over_single_p50": TARGET_P99_OVER_SINGLE_P50},
         "summary": summary, "phases": phases,
     }
@@ -218,7 +252,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     doc = run_load(args)
     print(json.dumps({"engine": {k: v for k, v in doc["engine"].items() if k != "details"}, "settings": doc["settings"],
-                      "summary": doc["summary"]}, indent=2))
+                      "summary": doc["summary"], "cpu_cost": doc["cpu_cost"]}, indent=2))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "load.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")

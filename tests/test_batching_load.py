@@ -76,7 +76,7 @@ def test_a_whole_run_on_a_lookup_bundle(tmp_path: Path) -> None:
     bundle = lookup_bundle(tmp_path / "b", **planted("Denver Broncos"), max_seq_len=64)
     args = parse_args(["--model", str(bundle), "--backend", "onnxruntime", "--threads", "1", "--clients", "4",
                        "--requests", "24", "--single-requests", "4", "--warmup", "2", "--repeats", "1",
-                       "--max-delay-ms", "5"])
+                       "--max-delay-ms", "5", "--cost-questions", "8"])
     doc = run_load(args)
     phases = [(p["phase"], p["clients"], p["completed"]) for p in doc["phases"]]
     assert phases == [("single", 1, 4), ("plain", 4, 24), ("batching", 4, 24)]
@@ -85,3 +85,5 @@ def test_a_whole_run_on_a_lookup_bundle(tmp_path: Path) -> None:
     assert s["mean_batch"] > 1.0
     assert s["speedup"] == pytest.approx(s["batching_qps"] / s["plain_qps"])
     assert doc["settings"]["max_batch_size"] == 4
+    cost = doc["cpu_cost"]
+    assert (cost["questions"], cost["batch"]) == (8, 4) and cost["batch1_cpu_ms_per_answer"] > 0
