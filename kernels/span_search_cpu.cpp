@@ -7,6 +7,7 @@
 // ran 50-800x slower on an oversubscribed machine.)
 #include <algorithm>
 #include <atomic>
+#include <functional>
 #include <thread>
 #include <vector>
 
@@ -20,58 +21,77 @@ struct RowScratch {
   std::vector<float> start;     // masked start logits of the row, float32
   std::vector<float> end;       // masked end logits of the row, float32
   std::vector<float> best_end;  // best_end[i]: max of end[i .. last_end(i)], to skip starts
-  std::vector<int32_t> window;  // monotonic queue of positions for best_end
+  std::vector<float> prefix;    // sliding-maximum helpers (see sliding_best_end)
+  std::vector<float> suffix;
+  std::vector<float> bounds;    // best score of each start, for the top-k threshold
   std::vector<Span> heap;       // the k best spans so far; heap.front() is the worst of them
 };
 
-// Loads one row into `scratch`; returns true when a masked-in logit is NaN.
+// Loads one row into `scratch`; returns true when a masked-in logit is NaN. The logit type is
+// a template argument so the loop has no per-element branch on it.
+template <LogitType kType>
 bool load_row(const SpanSearchParams& p, int64_t row, RowScratch& scratch) {
   const int64_t offset = row * p.seq_len;
   const uint8_t* mask = p.mask + offset;
+  float* start = scratch.start.data();
+  float* end = scratch.end.data();
   bool saw_nan = false;
   for (int64_t i = 0; i < p.seq_len; ++i) {
-    const float s = load_logit(p.start_logits, p.logit_type, offset + i);
-    const float e = load_logit(p.end_logits, p.logit_type, offset + i);
+    const float s = load_logit(p.start_logits, kType, offset + i);
+    const float e = load_logit(p.end_logits, kType, offset + i);
     const bool in_mask = mask[i] != 0;
     saw_nan |= is_nan_in_mask(s, e, in_mask);
-    scratch.start[i] = masked_logit(s, in_mask);
-    scratch.end[i] = masked_logit(e, in_mask);
+    start[i] = masked_logit(s, in_mask);
+    end[i] = masked_logit(e, in_mask);
   }
   return saw_nan;
 }
 
-// Fills scratch.best_end with the sliding maximum of the end logits over each start's window
-// (a monotonic queue, O(seq_len)). NaN never enters the queue: it cannot make a valid span.
+inline float max_ignoring_nan(float running, float x) { return x > running ? x : running; }
+
+// Fills scratch.best_end with the maximum end logit over each start's window [i, last_end(i)]
+// (van Herk / Gil-Werman: blocks of the window's width, a prefix and a suffix maximum in each,
+// then one max per start; O(seq_len), no branches on the data). NaN is never the maximum.
 void sliding_best_end(const SpanSearchParams& p, RowScratch& scratch) {
   const int64_t n = p.seq_len;
-  int64_t head = 0, tail = 0;  // queue = window[head, tail), end logits decreasing
-  int64_t pushed = 0;          // next position to push
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t last = last_end(i, p.max_answer_len, n);
-    for (; pushed <= last; ++pushed) {
-      const float value = scratch.end[pushed];
-      if (isnan(value)) continue;
-      while (tail > head && scratch.end[scratch.window[tail - 1]] <= value) --tail;
-      scratch.window[tail++] = static_cast<int32_t>(pushed);
+  const int64_t width = std::min(p.max_answer_len, n);
+  const float* end = scratch.end.data();
+  float* prefix = scratch.prefix.data();  // max of end[block start .. x]
+  float* suffix = scratch.suffix.data();  // max of end[x .. min(block end, n - 1)]
+  for (int64_t block = 0; block < n; block += width) {
+    const int64_t block_last = std::min(block + width, n) - 1;
+    float running = negative_infinity();
+    for (int64_t x = block; x <= block_last; ++x) prefix[x] = running = max_ignoring_nan(running, end[x]);
+    running = negative_infinity();
+    for (int64_t x = block_last; x >= block; --x) suffix[x] = running = max_ignoring_nan(running, end[x]);
+  }
+  float* best_end = scratch.best_end.data();
+  for (int64_t block = 0; block < n; block += width) {
+    for (int64_t i = block; i < std::min(block + width, n); ++i) {
+      const int64_t last = last_end(i, p.max_answer_len, n);
+      // [i, last] ends in i's block (i is the block's first position, or the row ends there) or
+      // in the next one, whose prefix maximum covers the rest.
+      best_end[i] = last < block + width ? suffix[i] : max_ignoring_nan(suffix[i], prefix[last]);
     }
-    while (tail > head && scratch.window[head] < i) ++head;
-    scratch.best_end[i] = tail > head ? scratch.end[scratch.window[head]] : negative_infinity();
   }
 }
 
-// The best span of a row. Starts and ends are scanned in increasing order, so a span ranks
-// before the best so far exactly when its score is strictly higher (span_before's tie rule).
+// The best span of a row. Starts and ends are scanned in increasing order, so a candidate ranks
+// before the best so far (span_before) exactly when its score is strictly higher; a score above
+// best.score >= -inf is also a valid one.
 Span best_span(const SpanSearchParams& p, const RowScratch& scratch) {
+  const float* start = scratch.start.data();
+  const float* end = scratch.end.data();
+  const float* best_end = scratch.best_end.data();
   Span best = no_span();
   for (int64_t i = 0; i < p.seq_len; ++i) {
-    const float s = scratch.start[i];
-    // No end in the window can reach the best score (float addition is monotonic): skip.
-    if (!(span_score(s, scratch.best_end[i]) > best.score)) continue;
+    const float s = start[i];
+    // No end in the window can beat the best score (float addition is monotonic): skip.
+    if (!(span_score(s, best_end[i]) > best.score)) continue;
     const int64_t last = last_end(i, p.max_answer_len, p.seq_len);
     for (int64_t j = i; j <= last; ++j) {
-      const Span candidate{span_score(s, scratch.end[j]), static_cast<int32_t>(i),
-                           static_cast<int32_t>(j)};
-      if (is_valid_score(candidate.score) && span_before(candidate, best)) best = candidate;
+      const float score = span_score(s, end[j]);
+      if (score > best.score) best = Span{score, static_cast<int32_t>(i), static_cast<int32_t>(j)};
     }
   }
   return best;
@@ -79,18 +99,33 @@ Span best_span(const SpanSearchParams& p, const RowScratch& scratch) {
 
 // The `capacity` best spans of a row, best first, in scratch.heap.
 void top_spans(const SpanSearchParams& p, RowScratch& scratch, int64_t capacity) {
+  const float* start = scratch.start.data();
+  const float* end = scratch.end.data();
+  const float* best_end = scratch.best_end.data();
   std::vector<Span>& heap = scratch.heap;
   heap.clear();
+  // A span scoring below `threshold` cannot be among the k best. start[i] + best_end[i] is the
+  // score of a real span (i, argmax), one per start, so the k-th largest of those valid scores
+  // is a first threshold; then, once the heap is full, its worst entry's score.
+  float threshold = negative_infinity();
+  std::vector<float>& bounds = scratch.bounds;
+  bounds.clear();
   for (int64_t i = 0; i < p.seq_len; ++i) {
-    const float s = scratch.start[i];
-    if (!is_valid_score(span_score(s, scratch.best_end[i]))) continue;
-    const bool full = static_cast<int64_t>(heap.size()) == capacity;
-    if (full && span_score(s, scratch.best_end[i]) < heap.front().score) continue;
+    const float bound = span_score(start[i], best_end[i]);
+    if (is_valid_score(bound)) bounds.push_back(bound);
+  }
+  if (static_cast<int64_t>(bounds.size()) >= capacity) {
+    std::nth_element(bounds.begin(), bounds.begin() + (capacity - 1), bounds.end(), std::greater<float>());
+    threshold = bounds[capacity - 1];
+  }
+  for (int64_t i = 0; i < p.seq_len; ++i) {
+    const float s = start[i];
+    const float bound = span_score(s, best_end[i]);
+    if (!is_valid_score(bound) || bound < threshold) continue;
     const int64_t last = last_end(i, p.max_answer_len, p.seq_len);
     for (int64_t j = i; j <= last; ++j) {
-      const Span candidate{span_score(s, scratch.end[j]), static_cast<int32_t>(i),
-                           static_cast<int32_t>(j)};
-      if (!is_valid_score(candidate.score)) continue;
+      const Span candidate{span_score(s, end[j]), static_cast<int32_t>(i), static_cast<int32_t>(j)};
+      if (!is_valid_score(candidate.score) || candidate.score < threshold) continue;
       if (static_cast<int64_t>(heap.size()) < capacity) {
         heap.push_back(candidate);
         std::push_heap(heap.begin(), heap.end(), span_before);
@@ -98,7 +133,10 @@ void top_spans(const SpanSearchParams& p, RowScratch& scratch, int64_t capacity)
         std::pop_heap(heap.begin(), heap.end(), span_before);
         heap.back() = candidate;
         std::push_heap(heap.begin(), heap.end(), span_before);
+      } else {
+        continue;
       }
+      if (static_cast<int64_t>(heap.size()) == capacity) threshold = heap.front().score;
     }
   }
   std::sort_heap(heap.begin(), heap.end(), span_before);
@@ -127,7 +165,9 @@ float row_lse(const SpanSearchParams& p, const void* logits, int64_t row) {
 
 // Decodes one row; returns true when it holds a NaN at a masked-in position.
 bool search_row(const SpanSearchParams& p, int64_t row, RowScratch& scratch, int64_t capacity) {
-  const bool saw_nan = load_row(p, row, scratch);
+  const bool saw_nan = p.logit_type == LogitType::kFloat16
+                           ? load_row<LogitType::kFloat16>(p, row, scratch)
+                           : load_row<LogitType::kFloat32>(p, row, scratch);
   sliding_best_end(p, scratch);
   if (p.top_k == 1) {
     write_span(p, row, 0, best_span(p, scratch));
@@ -161,7 +201,9 @@ int64_t span_search_cpu(const SpanSearchParams& p) {
     scratch.start.resize(n);
     scratch.end.resize(n);
     scratch.best_end.resize(n);
-    scratch.window.resize(n);
+    scratch.prefix.resize(n);
+    scratch.suffix.resize(n);
+    scratch.bounds.reserve(n);
     if (p.top_k > 1) scratch.heap.reserve(capacity);
     for (int64_t row = begin; row < end; ++row) {
       if (!search_row(p, row, scratch, capacity)) continue;
