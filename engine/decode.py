@@ -70,9 +70,13 @@ def _stream_handle(stream: Any) -> int | None:
         return stream
     if hasattr(stream, "__cuda_stream__"):  # cuda.core / the CUDA stream protocol
         return int(stream.__cuda_stream__()[1])
-    for attribute in ("cuda_stream", "ptr", "handle"):  # torch.cuda.Stream, cupy, cuda-python
+    for attribute in ("cuda_stream", "ptr", "handle"):  # torch.cuda.Stream, CuPy, Numba
         if hasattr(stream, attribute):
-            return int(getattr(stream, attribute))
+            handle = getattr(stream, attribute)
+            handle = getattr(handle, "value", handle)  # Numba's handle is a ctypes.c_void_p
+            return int(handle or 0)
+    if hasattr(stream, "__int__"):  # cuda-python's CUstream / cudaStream_t
+        return int(stream)
     raise TypeError(
         f"stream must be None, an int handle or a CUDA stream object, got {type(stream).__name__}"
     )

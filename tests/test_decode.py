@@ -384,3 +384,26 @@ def test_device_pointer_is_checked() -> None:
     expected = ValueError if _driver_present() else BackendUnavailableError
     with pytest.raises(expected, match="device memory" if expected is ValueError else "CUDA"):
         span_search(*_fake_inputs())
+
+
+def test_stream_objects_become_handles() -> None:
+    import ctypes
+
+    class CudaCore:
+        def __cuda_stream__(self) -> tuple[int, int]:
+            return (0, 4242)
+
+    class CuStream:
+        def __int__(self) -> int:
+            return 99
+
+    assert decode._stream_handle(None) is None
+    assert decode._stream_handle(7) == 7
+    assert decode._stream_handle(SimpleNamespace(cuda_stream=123)) == 123  # torch.cuda.Stream
+    assert decode._stream_handle(SimpleNamespace(ptr=456)) == 456  # cupy.cuda.Stream
+    assert decode._stream_handle(SimpleNamespace(handle=ctypes.c_void_p(789))) == 789  # Numba
+    assert decode._stream_handle(SimpleNamespace(handle=ctypes.c_void_p(None))) == 0
+    assert decode._stream_handle(CudaCore()) == 4242
+    assert decode._stream_handle(CuStream()) == 99
+    with pytest.raises(TypeError, match="stream must be"):
+        decode._stream_handle("fast")
