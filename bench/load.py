@@ -56,6 +56,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="Engine max_batch_size: windows per model call; batched calls are length-sorted first (default 32)")
     p.add_argument("--cost-questions", type=int, default=96,
                    help="questions of the CPU-cost phase: one thread, batch 1 vs batches of --max-batch-size (0: skip)")
+    p.add_argument("--cost-only", action="store_true", help="run the CPU-cost phase only (no load phases)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="SQuAD-format file whose questions are asked")
     p.add_argument("--out", type=Path, default=None, help="write load.json here")
     args = p.parse_args(argv)
@@ -167,7 +168,13 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
             eng1.warmup()
             cost = cpu_cost(eng1, pairs[: args.cost_questions], max_batch)
         print(f"load: CPU cost, one thread: {cost['batch1_cpu_ms_per_answer']:.1f} ms/answer at batch 1, "
-              f"{cost['batched_cpu_ms_per_answer']:.1f} ms/answer in batches of {max_batch}", file=sys.stderr, flush=True)
+              f"{cost['batched_cpu_ms_per_answer']:.1f} ms/answer in batches of {max_batch} (model calls of at most "
+              f"{args.engine_batch} windows)", file=sys.stderr, flush=True)
+    if args.cost_only:
+        if cost is None:
+            raise ValueError("--cost-only needs --cost-questions > 0")
+        return {"settings": {"max_batch_size": max_batch, "engine_batch": args.engine_batch, "model": args.model},
+                "cpu_cost": cost}
     with Engine(bundle, backend=args.backend, precision=args.precision, threads=args.threads,
                 max_batch_size=args.engine_batch) as eng:
         used = {"backend": eng.backend, "precision": eng.precision, "device": eng.device, "bundle": str(eng.bundle.root),
@@ -251,6 +258,9 @@ def main(argv: list[str]) -> int:
     when both targets were met, 1 otherwise (the figures are printed either way)."""
     args = parse_args(argv)
     doc = run_load(args)
+    if args.cost_only:
+        print(json.dumps(doc, indent=2))
+        return 0
     print(json.dumps({"engine": {k: v for k, v in doc["engine"].items() if k != "details"}, "settings": doc["settings"],
                       "summary": doc["summary"], "cpu_cost": doc["cpu_cost"]}, indent=2))
     if args.out is not None:
