@@ -10,6 +10,7 @@ runs in its own process, so the export's memory is not counted against any syste
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,12 +106,7 @@ def prepare_all(names: list[str], model: str | None) -> dict[str, Any]:
     import warnings
 
     warnings.simplefilter("ignore")  # exporter chatter; failures still raise
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-    except ImportError:
-        pass
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         source = resolve_model(model)
     except Exception as exc:  # noqa: BLE001 - every system gets the reason, none is dropped

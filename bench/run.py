@@ -25,9 +25,12 @@ from bench.prepare import prepare_all
 from bench.results import SCHEMA_VERSION, build_systems, check_targets
 from bench.systems import BASELINE, SYSTEMS, QASettings, select
 
-# Presets: (questions, repeats). The default is sized to take about 10 minutes on a 2-core CPU
-# machine with all six CPU systems; --quick under 3 minutes; --full asks every question once.
-PRESETS = {"default": (300, 3), "quick": (40, 1), "full": (None, 1)}
+# Presets: (questions, repeats). All six CPU systems cost about 0.33 s per question per repeat over
+# batch sizes 1, 8 and 32 on the 2-core reference machine (issue 5's calibration figures), plus
+# ~40 s of loads and warm-up (and ~1.5 min of one-time exports on the first run): the default is
+# about 9-10 minutes there, --quick about 1.5 minutes (under 3 with the first-run exports), and
+# --full (10,570 questions, 1 repeat) about an hour.
+PRESETS = {"default": (500, 3), "quick": (100, 1), "full": (None, 1)}
 DEFAULT_BATCH_SIZES = (1, 8, 32)
 WARMUP_CALLS = 2
 BUSY_LOAD = 0.5  # load average per core above which the figures are flagged as disturbed

@@ -24,6 +24,7 @@ def serve(conn: Connection, spec_name: str, artifacts: Any, settings: Any, threa
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["RAYON_NUM_THREADS"] = str(threads)  # the tokenizers library's thread pool
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # "Device set to use cpu", deprecation notes
     # library deprecation chatter would break the parent's progress bars; results are unaffected
     warnings.simplefilter("ignore")
     try:
