@@ -92,8 +92,8 @@ def _export_parser() -> argparse.ArgumentParser:
                    help="SQuAD-format JSON or JSONL of question/context pairs, from TRAIN data (default: the shipped 512-pair SQuAD train sample)")
     p.add_argument("--calibration-samples", type=int, default=256, help="pairs used for static INT8 calibration (default 256)")
     p.add_argument("--tensorrt", type=_csv(TRT_PRECISIONS), default=(), help="build TensorRT plans now (needs tensorrt and a GPU): fp16,int8")
-    p.add_argument("--tensorrt-onnx", type=_csv(TRT_PRECISIONS, allow_none=True), default=(),
-                   help="TensorRT input graphs to ship for a later build-trt on the target GPU: fp16,int8 (default: none)")
+    p.add_argument("--tensorrt-onnx", type=_csv(TRT_PRECISIONS, allow_none=True), default=("fp16",),
+                   help="TensorRT input graphs to ship for a later build-trt on the target GPU: fp16,int8 or none (default: fp16)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p

@@ -38,7 +38,7 @@ class ExportOptions:
     int8: QuantConfig = field(default_factory=QuantConfig)
     min_int8_span_agreement: float = 0.5  # guard against a broken INT8 graph (accuracy is measured by the bench)
     tensorrt: tuple[str, ...] = ()  # plans to build now (needs tensorrt and a GPU)
-    tensorrt_onnx: tuple[str, ...] = ()  # TensorRT input graphs to ship, for build-trt on the target GPU
+    tensorrt_onnx: tuple[str, ...] = ("fp16",)  # TensorRT input graphs to ship, for build-trt on the target GPU
     force: bool = False
     quiet: bool = False
 

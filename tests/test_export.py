@@ -122,7 +122,8 @@ def test_bundle_structure_and_manifest(exported: dict[str, tuple[Path, Path]], f
     assert list(b.input_names) == INPUTS[family]
     assert b.max_seq_len == SEQ
     assert b.precisions("onnx") == ("fp32", "int8")
-    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "model.fp32.onnx", "model.int8.onnx", "tokenizer.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "model.fp32.onnx", "model.int8.onnx", "model.trt.fp16.onnx", "tokenizer.json"]
+    assert b.precisions("onnx-trt") == ("fp16",)  # the TensorRT input graph ships by default (build-trt on the target)
     assert m["source"]["weights_sha256"] == _sha(ckpt / "model.safetensors")
     for key in ("torch", "transformers", "onnx", "onnxruntime"):
         assert m["versions"][key]
