@@ -28,6 +28,7 @@ class Questions:
 
     @property
     def v2(self) -> bool:
+        """True when the file is scored with SQuAD v2.0 rules (unanswerable questions)."""
         return self.version == "2.0"
 
 

@@ -68,6 +68,7 @@ class Worker:
                 raise WorkerDied(f"worker exited with code {self.process.exitcode} (killed for memory? crashed?)")
 
     def send(self, msg: dict[str, Any]) -> None:
+        """Send one request to the worker."""
         self.conn.send(msg)
 
     def stop(self) -> None:
@@ -98,6 +99,7 @@ class Progress:
                                           unit="q", leave=True, dynamic_ncols=True, mininterval=0.3)
 
     def set(self, name: str, value: int, note: str | None = None) -> None:
+        """Move ``name``'s bar to ``value`` questions done, with an optional phase note."""
         bar = self.bars.get(name)
         if bar is None:
             if note is not None and note != self.notes.get(name):
@@ -110,6 +112,7 @@ class Progress:
         bar.refresh()
 
     def close(self) -> None:
+        """Finish every bar."""
         for bar in self.bars.values():
             bar.close()
 

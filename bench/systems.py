@@ -30,6 +30,7 @@ class QASettings:
     handle_impossible_answer: bool = False  # True for SQuAD v2.0 files
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as printed and stored in results.json."""
         return asdict(self)
 
 
