@@ -76,10 +76,11 @@ class TorchBackend(Backend):
         self._device = torch.device("cuda", device_id) if device == "cuda" else torch.device("cpu")
         try:
             model = transformers.AutoModelForQuestionAnswering.from_pretrained(
-                checkpoint, use_safetensors=True, local_files_only=True, torch_dtype=torch.float32)
+                checkpoint, use_safetensors=True, local_files_only=True)
         except (OSError, ValueError) as e:
             raise BundleError(f"bundle {bundle.root}: source checkpoint {checkpoint} cannot be loaded ({e})") from e
-        model.eval()
+        # float32 whatever dtype the weights are stored in (as the export loads them)
+        model = model.float().eval()
         if precision == "fp16":
             model.half()
         self.model = model.to(self._device)
