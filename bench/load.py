@@ -135,15 +135,14 @@ def cpu_cost(eng: Any, pairs: list[tuple[str, str]], batch: int) -> dict[str, fl
     figure that does not depend on how much of a shared machine the process gets."""
     qs, cs = [q for q, _ in pairs], [c for _, c in pairs]
     t0 = time.process_time()
-    for q, c in pairs:
-        eng.answer(q, c)
+    alone = [eng.answer(q, c).text for q, c in pairs]
     one = time.process_time() - t0
     t0 = time.process_time()
-    for i in range(0, len(pairs), batch):
-        eng.answer_batch(qs[i : i + batch], cs[i : i + batch])
+    together = [r[0].text for i in range(0, len(pairs), batch) for r in eng.answer_batch(qs[i : i + batch], cs[i : i + batch])]
     many = time.process_time() - t0
+    same = sum(a == b for a, b in zip(alone, together)) / len(pairs)
     return {"questions": len(pairs), "batch": batch, "batch1_cpu_ms_per_answer": 1000 * one / len(pairs),
-            "batched_cpu_ms_per_answer": 1000 * many / len(pairs), "cpu_saving": 1 - many / one}
+            "batched_cpu_ms_per_answer": 1000 * many / len(pairs), "cpu_saving": 1 - many / one, "same_answer_rate": same}
 
 
 def run_load(args: argparse.Namespace) -> dict[str, Any]:
@@ -169,7 +168,8 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
             cost = cpu_cost(eng1, pairs[: args.cost_questions], max_batch)
         print(f"load: CPU cost, one thread: {cost['batch1_cpu_ms_per_answer']:.1f} ms/answer at batch 1, "
               f"{cost['batched_cpu_ms_per_answer']:.1f} ms/answer in batches of {max_batch} (model calls of at most "
-              f"{args.engine_batch} windows)", file=sys.stderr, flush=True)
+              f"{args.engine_batch} windows); same answer batched and alone: {100 * cost['same_answer_rate']:.0f}%",
+              file=sys.stderr, flush=True)
     if args.cost_only:
         if cost is None:
             raise ValueError("--cost-only needs --cost-questions > 0")
