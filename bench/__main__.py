@@ -5,6 +5,8 @@
     python -m bench decode ...         span-search decoder micro-benchmark
     python -m bench gpu ...            GPU check (device machine)
     python -m bench soak ...           long-run memory soak
+    python -m bench load ...           closed-loop load: plain Engine vs BatchingEngine
+    python -m bench footprint ...      file size and memory per precision
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ SUBCOMMANDS = {
     "decode": "bench.decode",
     "gpu": "bench.gpu",
     "soak": "bench.soak",
+    "load": "bench.load",
+    "footprint": "bench.footprint",
 }
 DEFAULT = "bench.run"
 

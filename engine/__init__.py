@@ -20,9 +20,10 @@ from engine.errors import (
 
 if TYPE_CHECKING:
     from engine.api import Answer, Engine, QAPipeline, answer, pipeline
+    from engine.batching import BatchingEngine
 
 __all__ = [
-    "Answer", "BackendUnavailableError", "BundleError", "Engine", "EngineClosedError", "InvalidInputError",
+    "Answer", "BackendUnavailableError", "BatchingEngine", "BundleError", "Engine", "EngineClosedError", "InvalidInputError",
     "QAPipeline", "UnknownOptionError", "answer", "errors", "pipeline",
 ]
 
@@ -34,4 +35,8 @@ def __getattr__(name: str) -> Any:
         from engine import api
 
         return getattr(api, name)
+    if name == "BatchingEngine":
+        from engine.batching import BatchingEngine
+
+        return BatchingEngine
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -2,6 +2,7 @@
 
     python -m export MODEL_DIR --out BUNDLE_DIR [...]   export a checkpoint to a bundle
     python -m export build-trt BUNDLE_DIR [...]         add TensorRT plans, on the target GPU
+    python -m export triton BUNDLE_DIR --out REPO_DIR [...]   a Triton Inference Server model repository
     python -m export finetune --model-dir ... --train-file ... --out ...
 """
 
@@ -140,7 +141,13 @@ def _build_trt(argv: list[str]) -> int:
     return 0
 
 
-SUBCOMMANDS = {"finetune": _finetune, "build-trt": _build_trt}
+def _triton(argv: list[str]) -> int:
+    from export.triton import main as triton_main
+
+    return triton_main(argv)
+
+
+SUBCOMMANDS = {"finetune": _finetune, "build-trt": _build_trt, "triton": _triton}
 
 
 def main(argv: list[str] | None = None) -> int:
