@@ -59,7 +59,7 @@ def _bpe_tokenizer(dst: Path) -> int:
     work = dst / "bpe"
     work.mkdir()
     bpe.save_model(str(work))
-    tok = RobertaTokenizerFast(vocab_file=str(work / "vocab.json"), merges_file=str(work / "merges.txt"))
+    tok = RobertaTokenizerFast.from_pretrained(str(work))  # the file-argument constructor changed in transformers 5
     tok.save_pretrained(str(dst))
     shutil.rmtree(work)
     return len(tok)
