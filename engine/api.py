@@ -27,6 +27,8 @@ from engine.errors import EngineClosedError, InvalidInputError, UnknownOptionErr
 from engine.postprocess import Answer, Candidates, collect, finalize
 from engine.preprocess import (
     DEFAULT_MAX_QUESTION_LEN,
+    ContextCache,
+    EncodedContext,
     Example,
     TextEncoder,
     make_example,
@@ -43,6 +45,7 @@ GROUP_SIZE = 256  # questions tokenized and answered together (bounds memory for
 MAX_TOP_K = 1000  # more answers than this per question is a mistake, not a request
 DEFAULT_MAX_ANSWER_LEN = 30
 DEFAULT_MAX_BATCH_SIZE = 32
+DEFAULT_CONTEXT_CACHE = 256  # tokenized contexts kept per Engine (0: none), see ContextCache
 PIPELINE_MAX_ANSWER_LEN = 15  # the transformers pipeline's default, kept by engine.pipeline
 STAGES = ("tokenize", "model", "decode")
 
@@ -168,11 +171,14 @@ class Engine:
     "onnxruntime-cuda", "tensorrt", "torch", "torch-cuda" (an error when it cannot run).
     ``precision``: None for the backend's default (CPU: int8 when the bundle has it, GPU: fp16).
     ``threads``: intra-op threads, default the CPU cores this process may use.
+    ``context_cache``: how many recently seen contexts (up to 100,000 characters each) keep their
+    tokens, so more questions about the same document skip its tokenization; 0 turns it off.
     One Engine is safe to share between threads; ``close()`` (or ``with``) frees it.
     """
 
     def __init__(self, bundle: str | os.PathLike[str] | Bundle, *, backend: str = "auto", precision: str | None = None,
-                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, threads: int | None = None, device_id: int = 0) -> None:
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, threads: int | None = None, device_id: int = 0,
+                 context_cache: int = DEFAULT_CONTEXT_CACHE) -> None:
         if not isinstance(backend, str) or backend not in ("auto", *BACKENDS):
             raise InvalidInputError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}, got {backend!r}")
         if precision is not None and precision not in PRECISIONS:
@@ -181,6 +187,7 @@ class Engine:
         if threads is not None:
             threads = _int_option("threads", threads, 1, 1024)
         device_id = _int_option("device_id", device_id, 0)
+        context_cache = _int_option("context_cache", context_cache, 0, 1_000_000)
         if isinstance(bundle, Bundle):
             self.bundle = bundle
         elif isinstance(bundle, (str, os.PathLike)):
@@ -189,6 +196,7 @@ class Engine:
             raise InvalidInputError(f"bundle must be a bundle folder path or an engine.bundle.Bundle, got {type(bundle).__name__}")
         self._encoder = TextEncoder(self.bundle.tokenizer_path)
         self._template = self._encoder.template
+        self._context_cache = ContextCache(context_cache) if context_cache else None
         self._backend, self.backend_notes = open_backend(self.bundle, backend, precision, threads=threads, device_id=device_id)
         limit = self._backend.max_batch_size
         self.max_batch_size = min(max_batch_size, limit) if limit else max_batch_size
@@ -339,13 +347,24 @@ class Engine:
             self._leave()
 
     def _prepare(self, questions: list[str], contexts: list[str], opts: Options, offset: int, single: bool) -> list[Example]:
-        unique: dict[str, int] = {}
+        cache = self._context_cache
+        known: dict[str, EncodedContext] = {}
+        missing: dict[str, None] = {}
         for c in contexts:
-            unique.setdefault(c, len(unique))
-        q_ids, encoded = self._encoder.encode(questions, list(unique))
+            if c not in known and c not in missing:
+                hit = cache.get(c) if cache is not None else None
+                if hit is None:
+                    missing[c] = None
+                else:
+                    known[c] = hit
+        q_ids, encoded = self._encoder.encode(questions, list(missing))
+        for ctx in encoded:
+            known[ctx.text] = ctx
+            if cache is not None:
+                cache.put(ctx)
         examples = []
         for i, (q, c) in enumerate(zip(q_ids, contexts)):
-            ctx = encoded[unique[c]]
+            ctx = known[c]
             if len(q) == 0:
                 raise InvalidInputError(f"{'question' if single else f'question[{offset + i}]'} has no tokens the model "
                                         "knows (only control or unknown characters); pass a question in words")

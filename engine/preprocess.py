@@ -10,6 +10,8 @@ inputs batch by batch (engine.batcher), so a 1 MB context never exists as one te
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -86,7 +88,11 @@ class EncodedContext:
         n = len(self.ids)
         if n == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        w = np.asarray([-1 - i if x is None else x for i, x in enumerate(self.encoding.word_ids)], dtype=np.int64)
+        words = self.encoding.word_ids
+        try:
+            w = np.asarray(words, dtype=np.int64)
+        except TypeError:  # a token without a word (None): give it a word of its own
+            w = np.asarray([-1 - i if x is None else x for i, x in enumerate(words)], dtype=np.int64)
         first = np.ones(n, dtype=bool)
         first[1:] = w[1:] != w[:-1]
         last = np.ones(n, dtype=bool)
@@ -140,6 +146,45 @@ class TextEncoder:
             offsets = np.asarray(e.offsets, dtype=np.int64).reshape(len(ids), 2)
             c.append(EncodedContext(text=text, ids=ids, offsets=offsets, encoding=e))
         return q, c
+
+
+class ContextCache:
+    """Recently tokenized contexts by exact text: services ask many questions about one document,
+    and the context is most of the tokenization work. Thread-safe LRU; long texts are not kept."""
+
+    def __init__(self, max_entries: int, max_chars: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self.max_chars = max_chars
+        self._items: OrderedDict[str, EncodedContext] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, text: str) -> EncodedContext | None:
+        """The cached tokens of ``text``, or None."""
+        with self._lock:
+            hit = self._items.get(text)
+            if hit is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(text)
+            self.hits += 1
+            return hit
+
+    def put(self, context: EncodedContext) -> None:
+        """Keep ``context`` (dropping the least recently used beyond max_entries)."""
+        if self.max_entries <= 0 or len(context.text) > self.max_chars:
+            return
+        with self._lock:
+            self._items[context.text] = context
+            self._items.move_to_end(context.text)
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget every cached context."""
+        with self._lock:
+            self._items.clear()
 
 
 def plan_windows(num_tokens: int, budget: int, stride: int) -> tuple[np.ndarray, np.ndarray]:

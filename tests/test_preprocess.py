@@ -3,6 +3,8 @@ own pair encoding and overflow (the rule the Hugging Face pipeline uses)."""
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -20,8 +22,19 @@ def encoder() -> TextEncoder:
     return TextEncoder(TOKENIZER_JSON)
 
 
+@lru_cache(maxsize=1)
+def shared_encoder() -> TextEncoder:
+    return TextEncoder(TOKENIZER_JSON)
+
+
+@lru_cache(maxsize=1)
+def _hf() -> Tokenizer:
+    return Tokenizer.from_file(str(TOKENIZER_JSON))
+
+
 def hf_tokenizer(max_length: int | None = None, stride: int = 0) -> Tokenizer:
-    tok = Tokenizer.from_file(str(TOKENIZER_JSON))
+    """The tokenizer as the pipeline drives it (one shared object, reconfigured per call)."""
+    tok = _hf()
     tok.no_padding()
     if max_length is None:
         tok.no_truncation()
@@ -64,7 +77,7 @@ def test_single_window_equals_pair_encoding(encoder: TextEncoder) -> None:
 @settings(max_examples=40, deadline=None)
 @given(n_words=st.integers(1, 400), max_seq_len=st.integers(24, 96), stride=st.integers(0, 10), q_words=st.integers(1, 6))
 def test_windows_equal_tokenizers_overflow(n_words: int, max_seq_len: int, stride: int, q_words: int) -> None:
-    enc = TextEncoder(TOKENIZER_JSON)
+    enc = shared_encoder()
     words = ["alpha", "beta", "gamma", "delta", "running", "x", "Zürich", "1990"]
     c = " ".join(words[(i * 7) % len(words)] for i in range(n_words))
     q = " ".join(["what"] * q_words) + "?"

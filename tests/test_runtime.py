@@ -350,3 +350,19 @@ def test_fuzz_finds_planted_answer_in_random_unicode(eng: Engine) -> None:
             assert a.start == len(left) + 1 and a.text.startswith("Zanzibar")
 
     check()
+
+
+def test_context_cache_reuses_tokens_and_changes_no_answer(bundle: Path) -> None:
+    contexts = [f"Story {i}: the ship sailed to Zanzibar Island." for i in range(5)]
+    with Engine(bundle, backend="onnxruntime", threads=1, context_cache=0) as plain, \
+            Engine(bundle, backend="onnxruntime", threads=1, context_cache=3) as cached:
+        assert cached._context_cache is not None and plain._context_cache is None
+        for c in contexts * 2:
+            assert cached.answer("where?", c, top_k=2) == plain.answer("where?", c, top_k=2)
+        cache = cached._context_cache
+        assert (cache.hits, cache.misses) == (0, 10)  # 5 contexts cycling through 3 places: LRU evicts each
+        cached.answer("why?", contexts[-1])
+        assert cache.hits == 1
+        huge = "word " * 30_000 + "Zanzibar Island"
+        cached.answer("where?", huge)
+        assert huge not in cache._items  # long documents are not kept
