@@ -37,14 +37,14 @@ def make_tiny_checkpoint(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
-    """A tiny checkpoint, its bundle (built by the export stage) and a private cache folder."""
-    from export.pipeline import ExportOptions, export_bundle
+    """A tiny checkpoint, its bundle (built by the export stage into a private cache, as the bench does) and that cache."""
+    from engine.default_model import default_bundle
 
     root = tmp_path_factory.mktemp("bench")
     ckpt = make_tiny_checkpoint(root / "tiny-ckpt")
-    bundle = export_bundle(ckpt, root / "tiny-bundle", ExportOptions(precisions=("fp32", "int8"), quiet=True))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPANRT_CACHE_DIR", str(root / "cache"))  # the Optimum exports go here, not to ~/.cache
+        mp.setenv("SPANRT_CACHE_DIR", str(root / "cache"))  # bundles and Optimum exports go here, not to ~/.cache
+        bundle = default_bundle(checkpoint=ckpt, quiet=True)  # the bench run below finds it in the cache
         yield {"root": root, "checkpoint": ckpt, "bundle": Path(bundle)}
 
 
