@@ -39,6 +39,7 @@ class ExportOptions:
     min_int8_span_agreement: float = 0.5  # guard against a broken INT8 graph (accuracy is measured by the bench)
     tensorrt: tuple[str, ...] = ()  # plans to build now (needs tensorrt and a GPU)
     tensorrt_onnx: tuple[str, ...] = ("fp16",)  # TensorRT input graphs to ship, for build-trt on the target GPU
+    accuracy: dict[str, Any] | None = None  # measured figures to record (e.g. from a model card), by precision
     force: bool = False
     quiet: bool = False
 
@@ -249,6 +250,8 @@ def export_bundle(model_dir: str | Path, out: str | Path, opts: ExportOptions | 
         from engine.bundle import sha256_file
 
         manifest["tokenizer"]["sha256"] = sha256_file(w.path("tokenizer.json"))
+        if opts.accuracy:
+            manifest["accuracy"] = opts.accuracy
 
         if opts.tensorrt:
             from export import tensorrt as trt_export

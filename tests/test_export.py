@@ -335,6 +335,13 @@ def test_cli_export_and_errors(exported: dict[str, tuple[Path, Path]], tmp_path:
         main([str(ckpt), "--out", str(tmp_path / "c"), "--precisions", "fp64"])
 
 
+def test_accuracy_figures_are_recorded(exported: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
+    figures = {"int8": {"onnxruntime-cpu": {"dataset": "squad-v1.1-dev", "exact_match": 70.0, "f1": 80.0}}}
+    b = load_bundle(export_bundle(exported["bert"][0], tmp_path / "b", ExportOptions(max_seq_len=SEQ, precisions=("fp32",),
+                                                                                    tensorrt_onnx=(), accuracy=figures, quiet=True)))
+    assert b.manifest["accuracy"] == figures and b.precisions("onnx-trt") == ()
+
+
 def test_record_accuracy_keeps_the_bundle_valid(exported: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
     from export.bundle import record_accuracy
 
