@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <array>
 #include <limits>
 #include <optional>
@@ -122,8 +123,9 @@ py::tuple span_search_host(const py::array& start_in, const py::array& end_in,
   p.mask = static_cast<const uint8_t*>(mask.data());
   p.logit_type = type;
   p.batch = batch;
-  p.seq_len = start.shape(1);
-  p.max_answer_len = max_answer_len;
+  const int64_t seq_len = start.shape(1);
+  p.seq_len = seq_len;
+  p.max_answer_len = std::min(max_answer_len, seq_len);  // the same spans, no overflow in i + L - 1
   p.top_k = top_k;
   p.spans = spans.mutable_data();
   p.scores = scores.mutable_data();
@@ -252,7 +254,7 @@ py::tuple span_search_device(const py::object& start_object, const py::object& e
   p.logit_type = start.typestr == "<f2" ? LogitType::kFloat16 : LogitType::kFloat32;
   p.batch = batch;
   p.seq_len = seq_len;
-  p.max_answer_len = max_answer_len;
+  p.max_answer_len = std::min(max_answer_len, seq_len);  // the same spans, no overflow in i + L - 1
   p.top_k = top_k;
 
   std::vector<std::pair<const DeviceArray*, const char*>> on_device = {

@@ -407,3 +407,11 @@ def test_stream_objects_become_handles() -> None:
     assert decode._stream_handle(CuStream()) == 99
     with pytest.raises(TypeError, match="stream must be"):
         decode._stream_handle("fast")
+
+
+def test_huge_max_answer_len_means_no_length_limit() -> None:
+    rng = np.random.default_rng(12)
+    start, end = rng.normal(size=(2, 3, 40)).astype(np.float32)
+    mask = np.ones((3, 40), bool)
+    huge = span_search(start, end, mask, max_answer_len=2**63 - 1, top_k=6)
+    np.testing.assert_array_equal(huge[0], span_search(start, end, mask, max_answer_len=40, top_k=6)[0])
