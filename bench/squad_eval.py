@@ -37,15 +37,18 @@ def exact_match_v1(prediction: str, ground_truth: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(ground_truth))
 
 
-def f1_v1(prediction: str, ground_truth: str) -> float:
-    pred = normalize_answer(prediction).split()
-    gold = normalize_answer(ground_truth).split()
+def _token_f1(pred: list[str], gold: list[str]) -> float:
+    """Harmonic mean of token precision and recall over the multiset overlap (both scripts' core)."""
     common = collections.Counter(pred) & collections.Counter(gold)
     same = sum(common.values())
     if same == 0:
         return 0.0
     precision, recall = same / len(pred), same / len(gold)
     return 2 * precision * recall / (precision + recall)
+
+
+def f1_v1(prediction: str, ground_truth: str) -> float:
+    return _token_f1(normalize_answer(prediction).split(), normalize_answer(ground_truth).split())
 
 
 def _tokens_v2(s: str) -> list[str]:
@@ -60,12 +63,7 @@ def f1_v2(gold: str, pred: str) -> float:
     g, p = _tokens_v2(gold), _tokens_v2(pred)
     if not g or not p:
         return float(g == p)  # both empty: 1, one empty: 0
-    common = collections.Counter(g) & collections.Counter(p)
-    same = sum(common.values())
-    if same == 0:
-        return 0.0
-    precision, recall = same / len(p), same / len(g)
-    return 2 * precision * recall / (precision + recall)
+    return _token_f1(p, g)
 
 
 def is_v2(dataset_json: dict[str, Any]) -> bool:
