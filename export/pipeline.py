@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
+import random
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -139,8 +140,6 @@ def export_bundle(model_dir: str | Path, out: str | Path, opts: ExportOptions | 
         pad_id = tok_info["pad_token_id"]
 
         pool = load_pairs(opts.calibration_data)
-        import random
-
         random.Random(0).shuffle(pool)
         verify_pool, calib_pool = pool[:VERIFY_PAIRS], pool[VERIFY_PAIRS:]
         batches = _verification_batches(tokenizer, verify_pool, opts.max_seq_len, spec.input_names, pad_id)
