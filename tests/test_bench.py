@@ -142,7 +142,8 @@ def test_peers_without_a_checkpoint_are_reported_not_dropped(tiny: dict[str, Pat
 def test_soak_samples_rss_and_reports_growth(tiny: dict[str, Path], tmp_path: Path) -> None:
     from bench import soak
 
-    args = soak.parse_args(["--model", str(tiny["bundle"]), "--calls", "60", "--warmup-calls", "20", "--sample-every", "10",
+    assert soak.parse_args(["--questions", "20"]).warmup_calls == 20  # one cycle by default
+    args = soak.parse_args(["--model", str(tiny["bundle"]), "--calls", "60", "--questions", "20", "--sample-every", "10",
                             "--backend", "onnxruntime", "--precision", "int8", "--threads", "1"])
     doc = soak.run_soak(args)
     assert [s["calls"] for s in doc["samples"]] == [0, 10, 20, 30, 40, 50, 60]
