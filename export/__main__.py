@@ -87,7 +87,7 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--precisions", type=_csv(ORT_PRECISIONS), default=("fp32", "int8"), help="ONNX Runtime graphs to write (default: fp32,int8)")
     p.add_argument("--max-seq-len", type=int, default=384, help="longest window in tokens (default 384)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    p.add_argument("--int8", choices=RECIPES, default="dynamic", help="INT8 recipe (default: dynamic, chosen by measurement; see README)")
+    p.add_argument("--int8", choices=RECIPES, default="dynamic", help="INT8 recipe (default: dynamic, chosen by measurement on SQuAD; see export/README.md)")
     p.add_argument("--int8-calibration", choices=CALIBRATION_METHODS, default="minmax", help="static INT8: activation range method")
     p.add_argument("--calibration-data", default=None, metavar="PATH",
                    help="SQuAD-format JSON or JSONL of question/context pairs, from TRAIN data (default: the shipped 512-pair SQuAD train sample)")
