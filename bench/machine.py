@@ -8,6 +8,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,39 @@ def git_info() -> dict[str, Any]:
         return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
+
+
+class OtherCPUMeter:
+    """CPU time that processes other than this one and its children used between start and ``share()``.
+
+    System-wide busy CPU time (psutil) minus our own and our waited-for children's CPU time, as a
+    share of all CPUs over the wall time: a measure of how disturbed the figures are.
+    """
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._t0 = time.perf_counter()
+        self._busy0 = self._busy()
+        self._own0 = self._own()
+
+    def _busy(self) -> float:
+        t = self._psutil.cpu_times()
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+
+    @staticmethod
+    def _own() -> float:
+        import resource
+
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+    def share(self) -> float:
+        """Fraction (0..1) of the machine's CPU capacity used by other processes since creation."""
+        wall = time.perf_counter() - self._t0
+        other = (self._busy() - self._busy0) - (self._own() - self._own0)
+        return max(0.0, other / (wall * (os.cpu_count() or 1))) if wall > 0 else 0.0
 
 
 def peak_rss_mb() -> float:

@@ -20,20 +20,19 @@ from typing import Any
 
 from bench.dataset import DEFAULT_DATA, SAMPLE_SEED, load_questions
 from bench.harness import SystemRun, measure
-from bench.machine import git_info, gpus, machine_info, package_versions, physical_cores
+from bench.machine import OtherCPUMeter, git_info, gpus, machine_info, package_versions, physical_cores
 from bench.prepare import prepare_all
 from bench.results import SCHEMA_VERSION, build_systems, check_targets
 from bench.systems import BASELINE, SYSTEMS, QASettings, select
 
-# Presets: (questions, repeats). All six CPU systems cost about 0.33 s per question per repeat over
-# batch sizes 1, 8 and 32 on the 2-core reference machine (issue 5's calibration figures), plus
-# ~40 s of loads and warm-up (and ~1.5 min of one-time exports on the first run): the default is
-# about 9-10 minutes there, --quick about 1.5 minutes (under 3 with the first-run exports), and
-# --full (10,570 questions, 1 repeat) about an hour.
-PRESETS = {"default": (500, 3), "quick": (100, 1), "full": (None, 1)}
+# Presets: (questions, repeats). Measured on the 2-core reference machine (idle, default model):
+# the six CPU systems take about 0.6 s per question per repeat over batch sizes 1, 8 and 32, plus
+# ~40 s of loads and warm-up (and the one-time exports on a first run). So the default is about
+# 10 minutes, --quick about 1.5 minutes, --full (10,570 questions, 1 repeat) about 1h45.
+PRESETS = {"default": (300, 3), "quick": (60, 1), "full": (None, 1)}
 DEFAULT_BATCH_SIZES = (1, 8, 32)
 WARMUP_CALLS = 2
-BUSY_LOAD = 0.5  # load average per core above which the figures are flagged as disturbed
+BUSY_OTHER = 0.05  # share of the CPU used by other processes above which the figures are flagged as disturbed
 
 
 def _int_list(text: str) -> list[int]:
@@ -121,6 +120,7 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     repeats = args.repeats or repeats
     threads = args.threads or physical_cores()
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    meter = OtherCPUMeter()
 
     questions = load_questions(args.data, limit=limit)
     settings = QASettings(handle_impossible_answer=questions.v2)
@@ -159,13 +159,14 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             progress=not args.no_progress and sys.stderr.isatty(), log=_log)
 
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    cores = physical_cores()
-    if load_before is not None and load_before / cores > BUSY_LOAD:
-        notes.append(f"the machine was busy before the run (load average {load_before:.2f} on {cores} cores): other processes "
-                     "competed for the CPU, so absolute figures are low and ratios are noisy")
+    other = meter.share()
+    if other > BUSY_OTHER:
+        notes.append(f"other processes used {100 * other:.0f}% of the machine's CPU during the run: they competed with the "
+                     "systems measured, so absolute figures are low and ratios are noisy; measure again on an idle machine")
     systems = build_systems(runs, questions)
     machine = machine_info()
     machine["load_average_before"], machine["load_average_after"] = load_before, load_after
+    machine["cpu_used_by_other_processes"] = other
     return {
         "schema_version": SCHEMA_VERSION,
         "command": "python -m bench " + shlex.join(argv) if argv else "python -m bench",
