@@ -173,12 +173,15 @@ class Engine:
     ``threads``: intra-op threads, default the CPU cores this process may use.
     ``context_cache``: how many recently seen contexts (up to 100,000 characters each) keep their
     tokens, so more questions about the same document skip its tokenization; 0 turns it off.
+    ``max_batch_tokens``: padded tokens per model run (windows x the longest of them); None takes
+    the backend's measured default (ONNX Runtime CPU: 1024, GPU backends: no limit beyond
+    ``max_batch_size``). Windows are sorted by length and cut by both limits.
     One Engine is safe to share between threads; ``close()`` (or ``with``) frees it.
     """
 
     def __init__(self, bundle: str | os.PathLike[str] | Bundle, *, backend: str = "auto", precision: str | None = None,
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, threads: int | None = None, device_id: int = 0,
-                 context_cache: int = DEFAULT_CONTEXT_CACHE) -> None:
+                 context_cache: int = DEFAULT_CONTEXT_CACHE, max_batch_tokens: int | None = None) -> None:
         if not isinstance(backend, str) or backend not in ("auto", *BACKENDS):
             raise InvalidInputError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}, got {backend!r}")
         if precision is not None and precision not in PRECISIONS:
@@ -188,6 +191,8 @@ class Engine:
             threads = _int_option("threads", threads, 1, 1024)
         device_id = _int_option("device_id", device_id, 0)
         context_cache = _int_option("context_cache", context_cache, 0, 1_000_000)
+        if max_batch_tokens is not None:
+            max_batch_tokens = _int_option("max_batch_tokens", max_batch_tokens, 1, 1 << 24)
         if isinstance(bundle, Bundle):
             self.bundle = bundle
         elif isinstance(bundle, (str, os.PathLike)):
@@ -201,6 +206,7 @@ class Engine:
         limit = self._backend.max_batch_size
         self.max_batch_size = min(max_batch_size, limit) if limit else max_batch_size
         self.max_seq_len = min(self.bundle.max_seq_len, self._backend.max_seq_len or self.bundle.max_seq_len)
+        self.max_batch_tokens = max_batch_tokens if max_batch_tokens is not None else self._backend.max_batch_tokens
         self._pad_id = self.bundle.pad_token_id
         from engine.decode import span_search  # the C++/CUDA decoder (engine._kernels)
 
@@ -387,7 +393,7 @@ class Engine:
         k = opts.top_k * 2 + 10 if opts.align_to_words else opts.top_k
         tokenize_s = time.perf_counter() - t0
         model_s = decode_s = 0.0
-        for rows in plan_batches(table.length, self.max_batch_size):
+        for rows in plan_batches(table.length, self.max_batch_size, self.max_batch_tokens):
             self._check_open()
             t0 = time.perf_counter()
             batch = build_batch(examples, table, rows, self._template, self._pad_id)

@@ -39,11 +39,31 @@ class WindowTable:
         return len(self.example)
 
 
-def plan_batches(lengths: np.ndarray, max_batch_size: int) -> list[np.ndarray]:
-    """Window indices per batch: longest first (the allocator sees its peak once), at most
-    ``max_batch_size`` each, so every batch holds windows of similar length."""
-    order = np.argsort(-lengths, kind="stable")
-    return [order[i : i + max_batch_size] for i in range(0, len(order), max_batch_size)]
+def plan_batches(lengths: np.ndarray, max_batch_size: int, max_batch_tokens: int | None = None) -> list[np.ndarray]:
+    """Window indices per batch: longest first (the allocator sees its peak once), so every batch
+    holds windows of similar length; each batch has at most ``max_batch_size`` windows and, when
+    ``max_batch_tokens`` is given, at most that many padded tokens (windows x its longest window;
+    a single window longer than the budget still gets a batch of its own).
+
+    The token budget is what keeps a CPU fast: past ~1,000 tokens per batch the activations leave
+    the caches and the cost per token rises (measured in docs/runtime.md), so 32 windows of 384
+    tokens cost more per token than one window alone.
+    """
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    if max_batch_tokens is not None and max_batch_tokens < 1:
+        raise ValueError(f"max_batch_tokens must be >= 1 or None, got {max_batch_tokens}")
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    if max_batch_tokens is None:
+        return [order[i : i + max_batch_size] for i in range(0, len(order), max_batch_size)]
+    batches: list[np.ndarray] = []
+    i, n = 0, len(order)
+    while i < n:
+        longest = int(lengths[order[i]])  # sorted: the first window of a batch is its longest
+        size = min(max_batch_size, max(1, max_batch_tokens // max(longest, 1)), n - i)
+        batches.append(order[i : i + size])
+        i += size
+    return batches
 
 
 @dataclass(frozen=True)

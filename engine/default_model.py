@@ -4,7 +4,8 @@ The package ships the fine-tuned checkpoint (fp16 safetensors + config + tokeniz
 MODEL_CARD.md). The runtime only ever loads bundles, so the first call that needs the default
 model builds its bundle with the project's own export stage and caches it in a per-user folder:
 ``$SPANRT_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/spanrt`` or ``~/.cache/spanrt``. The cache
-key is the checkpoint's sha256, so a new shipped checkpoint gets a new bundle.
+key is the checkpoint's sha256 and the export recipe's number, so a new shipped checkpoint or a
+changed export recipe gets a new bundle.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from engine.errors import BackendUnavailableError, BundleError
 DEFAULT_MODEL_NAME = "minilm-l6-squad1"
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "models" / DEFAULT_MODEL_NAME
 DEFAULT_PRECISIONS = ("fp32", "int8")
+# Bumped whenever the export stage makes different files for the same checkpoint, so cached
+# bundles from an older recipe are rebuilt. 2: CPU graphs without SkipLayerNormalization.
+BUNDLE_RECIPE = 2
 # Measured on all 10,570 SQuAD v1.1 dev questions, official scoring (MODEL_CARD.md), recorded in the manifest.
 MEASURED_ACCURACY = {
     "data": "SQuAD v1.1 dev, 10,570 questions, official scoring",
@@ -74,7 +78,7 @@ def default_bundle(*, checkpoint: str | Path | None = None, cache: str | Path | 
     """
     ckpt = Path(checkpoint) if checkpoint is not None else default_checkpoint_dir()
     root = Path(cache) if cache is not None else cache_dir()
-    target = root / "bundles" / f"{ckpt.name}-{checkpoint_sha256(ckpt)[:16]}"
+    target = root / "bundles" / f"{ckpt.name}-{checkpoint_sha256(ckpt)[:16]}-r{BUNDLE_RECIPE}"
     if (target / "manifest.json").is_file():
         return target
     missing = [m for m in EXPORT_MODULES if importlib.util.find_spec(m) is None]

@@ -230,15 +230,19 @@ def torch_logits(model: Any, batch: EncodedBatch) -> tuple[np.ndarray, np.ndarra
 
 
 def ort_session(path: str | Path, *, threads: int = 0, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> Any:
-    """An ONNX Runtime session with all graph optimizations."""
+    """An ONNX Runtime session with the graph optimizations the runtime uses on that provider
+    (on the CPU: all but SkipLayerNormFusion, as engine.backends.onnxruntime_cpu)."""
     import onnxruntime as ort
+
+    from engine.backends.onnxruntime_cpu import CPU_DISABLED_OPTIMIZERS
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=so, providers=list(providers))
+    disabled = list(CPU_DISABLED_OPTIMIZERS) if providers[0] == "CPUExecutionProvider" else None
+    return ort.InferenceSession(str(path), sess_options=so, providers=list(providers), disabled_optimizers=disabled)
 
 
 def ort_logits(session: Any, batch: EncodedBatch) -> tuple[np.ndarray, np.ndarray]:
@@ -280,17 +284,21 @@ def verify_against(reference: list[tuple[np.ndarray, np.ndarray]], session: Any,
     return figures
 
 
-def optimize_onnx(src: str | Path, dst: str | Path, spec: ModelSpec) -> dict[str, int]:
+def optimize_onnx(src: str | Path, dst: str | Path, spec: ModelSpec, *, skip_layer_norm: bool = False) -> dict[str, int]:
     """Fuse attention, LayerNorm, GELU and embeddings with ONNX Runtime's transformer optimizer.
 
     Returns the fused-operator counts. Every family here uses the 'bert' fusions (ORT's own
-    mapping: DistilBERT, RoBERTa and ELECTRA are BERT-shaped encoders).
+    mapping: DistilBERT, RoBERTa and ELECTRA are BERT-shaped encoders). ``skip_layer_norm``
+    fuses residual Add + LayerNormalization into SkipLayerNormalization: right for GPUs, wrong for
+    the CPU graphs (fp32, int8), where ONNX Runtime 1.32's SkipLayerNormalization kernel is slower
+    than the two ops it replaces (see engine/backends/onnxruntime_cpu.py for the figures).
     """
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     opts = FusionOptions("bert")
     opts.enable_gelu_approximation = False  # exact erf GELU: keeps parity with PyTorch
+    opts.enable_skip_layer_norm = skip_layer_norm
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = optimize_model(

@@ -194,8 +194,11 @@ def export_bundle(model_dir: str | Path, out: str | Path, opts: ExportOptions | 
         if "fp16" in opts.precisions:
             from export.fp16 import convert_fp16, verify_fp16
 
-            with progress.step("convert FP16"):
-                finfo = convert_fp16(fused, w.path("model.fp16.onnx"))
+            with progress.step("convert FP16 (GPU fusions: SkipLayerNormalization too)"):
+                gpu_fused = w.path("model.gpu.fp32.onnx")
+                onnx_export.optimize_onnx(raw, gpu_fused, spec, skip_layer_norm=True)
+                finfo = convert_fp16(gpu_fused, w.path("model.fp16.onnx"))
+                gpu_fused.unlink()
             with progress.step("verify FP16 vs PyTorch"):
                 verification["onnx_fp16"] = verify_fp16(reference, w.path("model.fp16.onnx"), batches)
             w.add_artifact("model.fp16.onnx", format="onnx", precision="fp16", optimized=True, conversion=finfo, opset=opts.opset)

@@ -158,3 +158,29 @@ def test_batches_sorted_by_length_and_padded_to_their_longest(encoder: TextEncod
     b = build_batch(exs, table, batches[1], encoder.template, pad_token_id=0)
     assert b.input_ids.shape == (2, 25)  # padded to its own longest window, not 384
     assert b.attention_mask[1].sum() == 12 and (b.input_ids[1, 12:] == 0).all()
+
+
+def test_plan_batches_token_budget() -> None:
+    """Longest first; each batch within max_batch_size and the padded-token budget; every window once."""
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(20, 385, size=200)
+    for max_bs, budget in ((32, 1024), (4, 1024), (32, 400), (32, None), (1, 10)):
+        batches = plan_batches(lengths, max_bs, budget)
+        flat = np.concatenate(batches)
+        assert sorted(flat.tolist()) == list(range(200))
+        assert np.all(np.diff(lengths[flat]) <= 0), "windows come longest first"
+        for b in batches:
+            assert 1 <= len(b) <= max_bs
+            padded = len(b) * int(lengths[b].max())
+            if budget is not None and len(b) > 1:
+                assert padded <= budget
+        if budget is not None:
+            # greedy: a batch stops only at a limit (the next window would break the budget or the size)
+            for b, nxt in zip(batches, batches[1:]):
+                assert len(b) == max_bs or (len(b) + 1) * int(lengths[b[0]]) > budget
+    # a window longer than the budget still runs, alone
+    assert [len(b) for b in plan_batches(np.array([500, 300, 200]), 32, 256)] == [1, 1, 1]
+    with pytest.raises(ValueError):
+        plan_batches(lengths, 0)
+    with pytest.raises(ValueError):
+        plan_batches(lengths, 8, 0)

@@ -116,6 +116,36 @@ def test_batches_give_the_answers_of_single_calls(eng: Engine) -> None:
     assert batched == singles
 
 
+def test_token_budget_cuts_batches_and_changes_no_answer(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.api as api
+
+    rng = np.random.default_rng(2)
+    words = ["alpha", "beta", "sea", "ship", "Zanzibar Island", "the"]
+    contexts = [" ".join(rng.choice(words, size=int(rng.integers(5, 120)))) for _ in range(30)]
+    questions = [f"q {i}?" for i in range(30)]
+    shapes: list[tuple[int, int]] = []
+    real = api.build_batch
+    monkeypatch.setattr(api, "build_batch", lambda *a: (lambda b: (shapes.append(b.input_ids.shape), b)[1])(real(*a)))
+    with Engine(bundle, backend="onnxruntime", threads=1, max_batch_tokens=None) as e:
+        assert e.max_batch_tokens == 1024  # the ONNX Runtime CPU backend's measured default
+        assert e.backend_details["max_batch_tokens"] == 1024
+        assert e.backend_details["disabled_optimizers"] == ["SkipLayerNormFusion"]
+    results = {}
+    for budget in (64, 200, 100_000):
+        shapes.clear()
+        with Engine(bundle, backend="onnxruntime", threads=1, max_batch_size=32, max_batch_tokens=budget) as e:
+            results[budget] = e.answer(questions, contexts, top_k=2)
+        assert all(b * s <= budget or b == 1 for b, s in shapes)
+        assert len(shapes) > 2
+        # greedy: every batch but the last stops at a limit (size, or one more window breaks the budget)
+        assert all(b == 32 or (b + 1) * s > budget for b, s in shapes[:-1])
+        if budget == 100_000:
+            assert max(b for b, _ in shapes) == 32
+    assert results[64] == results[200] == results[100_000]
+    with pytest.raises(InvalidInputError, match="max_batch_tokens must be"):
+        Engine(bundle, max_batch_tokens=0)
+
+
 def test_thread_settings_are_explicit(bundle: Path) -> None:
     import os
 

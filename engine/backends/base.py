@@ -43,6 +43,9 @@ class Backend(abc.ABC):
     input_dtypes: dict[str, np.dtype]
     max_batch_size: int | None = None  # a hard limit of the model (TensorRT profiles), else None
     max_seq_len: int | None = None
+    # Padded tokens per run that keep this backend at its best cost per token (None: no limit,
+    # only max_batch_size). The Engine cuts length-sorted batches to it unless told otherwise.
+    max_batch_tokens: int | None = None
     details: dict[str, Any]  # what was actually used: provider, threads, file ... (recorded, logged)
 
     @abc.abstractmethod
