@@ -7,6 +7,7 @@
     python -m bench soak ...           long-run memory soak
     python -m bench load ...           closed-loop load: plain Engine vs BatchingEngine
     python -m bench footprint ...      file size and memory per precision
+    python -m bench shapes ...         model cost per token by batch size and length
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ SUBCOMMANDS = {
     "soak": "bench.soak",
     "load": "bench.load",
     "footprint": "bench.footprint",
+    "shapes": "bench.shapes",
 }
 DEFAULT = "bench.run"
 

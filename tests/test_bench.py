@@ -152,3 +152,19 @@ def test_soak_samples_rss_and_reports_growth(tiny: dict[str, Path], tmp_path: Pa
     assert doc["rss_ref_mb"] == after[0] and doc["rss_end_mb"] == after[-1]
     assert doc["growth"] == pytest.approx((after[-1] - after[0]) / after[0])
     assert doc["met"] == (doc["growth"] < soak.TARGET_GROWTH)
+
+
+def test_shapes_grid_measures_every_cell(tiny: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.shapes import main as shapes_main
+
+    out = tmp_path / "shapes.json"
+    assert shapes_main(["--model", str(tiny["bundle"]), "--precision", "fp32", "--seq", "16,32", "--batch", "1,4",
+                        "--threads", "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    cells = {(c["seq"], c["batch"]): c for c in data["cells"]}
+    assert set(cells) == {(16, 1), (16, 4), (32, 1), (32, 4)}
+    for (s, b), c in cells.items():
+        assert len(c["raw_s"]) == c["runs"] >= 3 and all(t > 0 for t in c["raw_s"])
+        assert math.isclose(c["us_per_token"], sorted(c["raw_s"])[len(c["raw_s"]) // 2] * 1e6 / (s * b), rel_tol=0.5)
+    assert data["details"]["disabled_optimizers"] == "['SkipLayerNormFusion']"
+    assert "us per padded token" in capsys.readouterr().out
