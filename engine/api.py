@@ -393,7 +393,8 @@ class Engine:
         k = opts.top_k * 2 + 10 if opts.align_to_words else opts.top_k
         tokenize_s = time.perf_counter() - t0
         model_s = decode_s = 0.0
-        for rows in plan_batches(table.length, self.max_batch_size, self.max_batch_tokens):
+        for rows in plan_batches(table.length, self.max_batch_size, self.max_batch_tokens,
+                                 self._backend.call_cost_tokens):
             self._check_open()
             t0 = time.perf_counter()
             batch = build_batch(examples, table, rows, self._template, self._pad_id)

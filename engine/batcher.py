@@ -39,11 +39,18 @@ class WindowTable:
         return len(self.example)
 
 
-def plan_batches(lengths: np.ndarray, max_batch_size: int, max_batch_tokens: int | None = None) -> list[np.ndarray]:
+def plan_batches(lengths: np.ndarray, max_batch_size: int, max_batch_tokens: int | None = None,
+                 call_cost_tokens: int = 0) -> list[np.ndarray]:
     """Window indices per batch: longest first (the allocator sees its peak once), so every batch
     holds windows of similar length; each batch has at most ``max_batch_size`` windows and, when
     ``max_batch_tokens`` is given, at most that many padded tokens (windows x its longest window;
     a single window longer than the budget still gets a batch of its own).
+
+    With ``call_cost_tokens`` > 0 the cut points are chosen to minimise the modelled cost of the
+    whole call, sum over batches of (call_cost_tokens + padded tokens): a model call has a fixed
+    cost worth about that many tokens, so two windows share a batch when the padding it costs is
+    smaller than the call it saves (dynamic programming over the length-sorted windows). With 0,
+    batches are filled greedily up to the limits.
 
     The token budget is what keeps a CPU fast: past ~1,000 tokens per batch the activations leave
     the caches and the cost per token rises (measured in docs/runtime.md), so 32 windows of 384
@@ -53,17 +60,49 @@ def plan_batches(lengths: np.ndarray, max_batch_size: int, max_batch_tokens: int
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
     if max_batch_tokens is not None and max_batch_tokens < 1:
         raise ValueError(f"max_batch_tokens must be >= 1 or None, got {max_batch_tokens}")
-    order = np.argsort(-np.asarray(lengths), kind="stable")
+    if call_cost_tokens < 0:
+        raise ValueError(f"call_cost_tokens must be >= 0, got {call_cost_tokens}")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    n = len(order)
+    if call_cost_tokens > 0 and n > 1:
+        return [order[a:b] for a, b in _optimal_cuts(lengths[order], max_batch_size, max_batch_tokens, call_cost_tokens)]
     if max_batch_tokens is None:
-        return [order[i : i + max_batch_size] for i in range(0, len(order), max_batch_size)]
+        return [order[i : i + max_batch_size] for i in range(0, n, max_batch_size)]
     batches: list[np.ndarray] = []
-    i, n = 0, len(order)
+    i = 0
     while i < n:
         longest = int(lengths[order[i]])  # sorted: the first window of a batch is its longest
         size = min(max_batch_size, max(1, max_batch_tokens // max(longest, 1)), n - i)
         batches.append(order[i : i + size])
         i += size
     return batches
+
+
+def _optimal_cuts(sorted_lengths: np.ndarray, max_batch_size: int, max_batch_tokens: int | None,
+                  call_cost: int) -> list[tuple[int, int]]:
+    """[a, b) ranges of the descending ``sorted_lengths`` minimising sum(call_cost + (b - a) * L[a])
+    under the size and token limits (a batch of one window is always allowed)."""
+    n = len(sorted_lengths)
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0
+    prev = np.zeros(n + 1, dtype=np.int64)
+    lengths = sorted_lengths.astype(np.float64)
+    budget = np.inf if max_batch_tokens is None else float(max_batch_tokens)
+    for j in range(1, n + 1):
+        lo = max(0, j - max_batch_size)
+        starts = np.arange(lo, j)
+        padded = (j - starts) * lengths[lo:j]
+        cost = best[lo:j] + call_cost + padded
+        cost[(padded > budget) & (starts != j - 1)] = np.inf
+        k = int(np.argmin(cost))
+        best[j], prev[j] = cost[k], lo + k
+    cuts = []
+    j = n
+    while j > 0:
+        cuts.append((int(prev[j]), j))
+        j = int(prev[j])
+    return cuts[::-1]
 
 
 @dataclass(frozen=True)

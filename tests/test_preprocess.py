@@ -184,3 +184,46 @@ def test_plan_batches_token_budget() -> None:
         plan_batches(lengths, 0)
     with pytest.raises(ValueError):
         plan_batches(lengths, 8, 0)
+
+
+def _brute_cost(lengths: list[int], max_bs: int, budget: int | None, call: int) -> float:
+    """Minimal modelled cost over every partition of the sorted windows into contiguous batches."""
+    ls = sorted(lengths, reverse=True)
+    n = len(ls)
+    best = float("inf")
+    for mask in range(1 << (n - 1)):  # bit i set: cut after window i
+        cost, a = 0.0, 0
+        for i in range(n):
+            if i == n - 1 or mask >> i & 1:
+                size, pad = i + 1 - a, (i + 1 - a) * ls[a]
+                if size > max_bs or (budget is not None and pad > budget and size > 1):
+                    cost = float("inf")
+                    break
+                cost += call + pad
+                a = i + 1
+        best = min(best, cost)
+    return best
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(1, 400), min_size=1, max_size=9), st.integers(1, 5), st.sampled_from([None, 300, 800]),
+       st.integers(1, 80))
+def test_plan_batches_minimises_call_plus_padding_cost(lengths: list[int], max_bs: int, budget: int | None, call: int) -> None:
+    """The planner's batches against a brute-force oracle over all contiguous partitions."""
+    arr = np.asarray(lengths)
+    batches = plan_batches(arr, max_bs, budget, call_cost_tokens=call)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(len(lengths)))
+    assert np.all(np.diff(arr[flat]) <= 0)
+    cost = 0.0
+    for b in batches:
+        assert len(b) <= max_bs and (budget is None or len(b) == 1 or len(b) * arr[b].max() <= budget)
+        cost += call + len(b) * arr[b].max()
+    assert cost == _brute_cost(lengths, max_bs, budget, call)
+
+
+def test_plan_batches_keeps_far_apart_lengths_in_separate_calls() -> None:
+    lengths = np.array([384, 120, 118, 117, 60])
+    # padding 120 -> 384 costs 264 tokens, more than a call (32): separate; 120/118/117 share
+    assert [sorted(b.tolist()) for b in plan_batches(lengths, 32, 1024, call_cost_tokens=32)] == [[0], [1, 2, 3], [4]]
+    assert [len(b) for b in plan_batches(lengths, 32, 1024)] == [2, 3]  # greedy fills to the budget

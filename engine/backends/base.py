@@ -46,6 +46,9 @@ class Backend(abc.ABC):
     # Padded tokens per run that keep this backend at its best cost per token (None: no limit,
     # only max_batch_size). The Engine cuts length-sorted batches to it unless told otherwise.
     max_batch_tokens: int | None = None
+    # The fixed cost of one model call, in tokens' worth of work: the batch planner puts two
+    # windows in one batch only when the padding costs less than the call it saves (0: greedy).
+    call_cost_tokens: int = 0
     details: dict[str, Any]  # what was actually used: provider, threads, file ... (recorded, logged)
 
     @abc.abstractmethod
