@@ -25,6 +25,14 @@ T = TypeVar("T")
 Consume = Callable[[Any, Any, "int | None"], T]
 
 
+# Batch limits of the CPU backends (ONNX Runtime and torch), from `python -m bench shapes` on a
+# 2-core AVX-512/AMX Xeon (docs/runtime.md): past ~1,000 padded tokens per call the cost per token
+# rises (ONNX Runtime int8: 28-34 us/token within it, up to 63 beyond), and one call's fixed cost
+# is worth ~30 tokens (ORT int8: ~30 at 96 tokens, ~36 at 160, ~27 at 256; torch fp32: ~37 at 128).
+CPU_MAX_BATCH_TOKENS = 1024
+CPU_CALL_COST_TOKENS = 32
+
+
 def default_threads() -> int:
     """Intra-op threads when none are given: the CPU cores this process may run on."""
     try:

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from engine.backends.base import (
+    CPU_CALL_COST_TOKENS,
+    CPU_MAX_BATCH_TOKENS,
     Backend,
     Consume,
     T,
@@ -34,10 +36,6 @@ from engine.errors import BackendUnavailableError, BundleError
 PRECISIONS = ("int8", "fp32")
 # ONNX Runtime graph transformers turned off on the CPU (see the module docstring)
 CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
-CPU_MAX_BATCH_TOKENS = 1024
-# A model call's fixed cost in tokens: (cost per window alone - cost per window in a full batch) /
-# cost per token, from the same grid: ~30 (96 tokens), ~36 (160), ~27 (256).
-CPU_CALL_COST_TOKENS = 32
 
 
 def import_onnxruntime() -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.backends.base import Backend, Consume, T, default_threads
+from engine.backends.base import CPU_CALL_COST_TOKENS, CPU_MAX_BATCH_TOKENS, Backend, Consume, T, default_threads
 from engine.bundle import Bundle, sha256_file
 from engine.errors import BackendUnavailableError, BundleError
 
@@ -87,6 +87,8 @@ class TorchBackend(Backend):
         self._torch = torch
         self.name = "torch-cuda" if device == "cuda" else "torch"
         self.device = device
+        if device == "cpu":  # the same cache-bound cost per token as ONNX Runtime on the CPU
+            self.max_batch_tokens, self.call_cost_tokens = CPU_MAX_BATCH_TOKENS, CPU_CALL_COST_TOKENS
         self.precision = precision
         self.input_names = bundle.input_names
         self.input_dtypes = {n: np.dtype(np.int64) for n in bundle.input_names}
