@@ -73,6 +73,29 @@ struct Outputs {
   }
 };
 
+// New NumPy arrays for the results, wired into `p` (spans/scores always, the others on request).
+Outputs host_outputs(SpanSearchParams& p, int64_t batch, int64_t top_k, bool return_lse,
+                     bool return_null) {
+  py::array_t<int64_t> spans({batch, top_k, int64_t{2}});
+  py::array_t<float> scores({batch, top_k});
+  p.spans = spans.mutable_data();
+  p.scores = scores.mutable_data();
+  Outputs out{spans, scores, py::none(), py::none(), py::none()};
+  if (return_lse) {
+    py::array_t<float> start_lse(batch), end_lse(batch);
+    p.start_lse = start_lse.mutable_data();
+    p.end_lse = end_lse.mutable_data();
+    out.start_lse = start_lse;
+    out.end_lse = end_lse;
+  }
+  if (return_null) {
+    py::array_t<float> null_scores(batch);
+    p.null_scores = null_scores.mutable_data();
+    out.null_scores = null_scores;
+  }
+  return out;
+}
+
 // ---- NumPy (host) ---------------------------------------------------------------------------
 
 bool same_dtype(const py::array& a, const py::dtype& t) { return a.dtype().equal(t); }
@@ -115,8 +138,6 @@ py::tuple span_search_host(const py::array& start_in, const py::array& end_in,
   const py::array mask = contiguous(mask_in);
 
   const int64_t batch = start.shape(0);
-  py::array_t<int64_t> spans({batch, top_k, int64_t{2}});
-  py::array_t<float> scores({batch, top_k});
   SpanSearchParams p;
   p.start_logits = start.data();
   p.end_logits = end.data();
@@ -127,21 +148,7 @@ py::tuple span_search_host(const py::array& start_in, const py::array& end_in,
   p.seq_len = seq_len;
   p.max_answer_len = std::min(max_answer_len, seq_len);  // the same spans, no overflow in i + L - 1
   p.top_k = top_k;
-  p.spans = spans.mutable_data();
-  p.scores = scores.mutable_data();
-  Outputs out{spans, scores, py::none(), py::none(), py::none()};
-  if (return_lse) {
-    py::array_t<float> start_lse(batch), end_lse(batch);
-    p.start_lse = start_lse.mutable_data();
-    p.end_lse = end_lse.mutable_data();
-    out.start_lse = start_lse;
-    out.end_lse = end_lse;
-  }
-  if (return_null) {
-    py::array_t<float> null_scores(batch);
-    p.null_scores = null_scores.mutable_data();
-    out.null_scores = null_scores;
-  }
+  const Outputs out = host_outputs(p, batch, top_k, return_lse, return_null);
   int64_t nan_row;
   {
     py::gil_scoped_release release;
@@ -291,23 +298,7 @@ py::tuple span_search_device(const py::object& start_object, const py::object& e
     result = Outputs{buffers[0], buffers[1], return_lse ? buffers[2] : py::none(),
                      return_lse ? buffers[3] : py::none(), return_null ? buffers[4] : py::none()};
   } else {
-    py::array_t<int64_t> spans({batch, top_k, int64_t{2}});
-    py::array_t<float> scores({batch, top_k});
-    p.spans = spans.mutable_data();
-    p.scores = scores.mutable_data();
-    result = Outputs{spans, scores, py::none(), py::none(), py::none()};
-    if (return_lse) {
-      py::array_t<float> start_lse(batch), end_lse(batch);
-      p.start_lse = start_lse.mutable_data();
-      p.end_lse = end_lse.mutable_data();
-      result.start_lse = start_lse;
-      result.end_lse = end_lse;
-    }
-    if (return_null) {
-      py::array_t<float> null_scores(batch);
-      p.null_scores = null_scores.mutable_data();
-      result.null_scores = null_scores;
-    }
+    result = host_outputs(p, batch, top_k, return_lse, return_null);
   }
   if (batch == 0) return result.as_tuple();
 

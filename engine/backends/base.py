@@ -82,6 +82,17 @@ def require_artifact(bundle: Bundle, fmt: str, precision: str, backend: str) -> 
     return art
 
 
+def first_precision(bundle: Bundle, precisions: tuple[str, ...], fmt: str, what: str) -> str:
+    """The first of ``precisions`` (best first) that the bundle has a ``fmt`` model for, or a
+    BackendUnavailableError naming what ``what`` needs and what the bundle has."""
+    have = bundle.precisions(fmt)
+    for p in precisions:
+        if p in have:
+            return p
+    raise BackendUnavailableError(f"bundle {bundle.root} has no {fmt} model for {what} (needs {' or '.join(precisions)}; "
+                                  f"has {', '.join(have) or 'none'})")
+
+
 def onnx_numpy_dtype(type_str: str) -> np.dtype:
     """NumPy dtype of an ONNX tensor type string such as 'tensor(int64)'."""
     table = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32, "tensor(float16)": np.float16}

@@ -27,6 +27,7 @@ from engine.backends.base import (
     Consume,
     T,
     default_threads,
+    first_precision,
     onnx_numpy_dtype,
     require_artifact,
 )
@@ -49,11 +50,7 @@ def import_onnxruntime() -> Any:
 
 def default_precision(bundle: Bundle) -> str:
     """INT8 when the bundle has an INT8 ONNX model, else FP32."""
-    have = bundle.precisions("onnx")
-    for p in PRECISIONS:
-        if p in have:
-            return p
-    raise BackendUnavailableError(f"bundle {bundle.root} has no ONNX model for the CPU (needs int8 or fp32; has {have or 'none'})")
+    return first_precision(bundle, PRECISIONS, "onnx", "the CPU")
 
 
 def session_options(ort: Any, threads: int) -> Any:

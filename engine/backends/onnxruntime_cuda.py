@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.backends.base import Backend, Consume, T, default_threads, require_artifact
+from engine.backends.base import Backend, Consume, T, default_threads, first_precision, require_artifact
 from engine.backends.onnxruntime_cpu import (
     check_io,
     import_onnxruntime,
@@ -48,11 +48,7 @@ def ortvalue_view(value: Any) -> DeviceArray:
 
 def default_precision(bundle: Bundle) -> str:
     """FP16 when the bundle has an FP16 ONNX model, else FP32."""
-    have = bundle.precisions("onnx")
-    for p in PRECISIONS:
-        if p in have:
-            return p
-    raise BackendUnavailableError(f"bundle {bundle.root} has no ONNX model for the GPU (needs fp16 or fp32; has {have or 'none'})")
+    return first_precision(bundle, PRECISIONS, "onnx", "the GPU")
 
 
 def check_available() -> None:
