@@ -174,7 +174,7 @@ class Engine:
     ``context_cache``: how many recently seen contexts (up to 100,000 characters each) keep their
     tokens, so more questions about the same document skip its tokenization; 0 turns it off.
     ``max_batch_tokens``: padded tokens per model run (windows x the longest of them); None takes
-    the backend's measured default (ONNX Runtime CPU: 1024, GPU backends: no limit beyond
+    the backend's measured default (the CPU backends: 1024; GPU backends: no limit beyond
     ``max_batch_size``). Windows are sorted by length and cut by both limits.
     One Engine is safe to share between threads; ``close()`` (or ``with``) frees it.
     """
