@@ -26,22 +26,23 @@ from bench.results import SCHEMA_VERSION, build_systems, check_targets
 from bench.systems import BASELINE, SYSTEMS, QASettings, select
 
 # Presets: (questions, repeats). Measured on the 2-core reference machine (idle, default model):
-# the six CPU systems take about 0.6 s per question per repeat over batch sizes 1, 8 and 32, plus
-# ~40 s of loads and warm-up (and the one-time exports on a first run). So the default is about
-# 10 minutes, --quick about 1.5 minutes, --full (10,570 questions, 1 repeat) about 1h45.
+# the default (300 questions x 3 repeats, six CPU systems, batch sizes 1, 8 and 32) took 7 min 9 s to
+# 7 min 51 s in three runs (bench/results/2026-11-27-cpu2-idle), loads and warm-up included (plus the
+# one-time exports on a first run); --quick 1 min 23 s.
 PRESETS = {"default": (300, 3), "quick": (60, 1), "full": (None, 1)}
 DEFAULT_BATCH_SIZES = (1, 8, 32)
 WARMUP_CALLS = 2
 BUSY_OTHER = 0.05  # share of the CPU used by other processes above which the figures are flagged as disturbed
 
 
-def _int_list(text: str) -> list[int]:
+def positive_int_list(text: str) -> list[int]:
+    """argparse type: comma-separated positive integers, sorted, each once."""
     try:
         values = sorted({int(v) for v in text.split(",") if v.strip()})
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
     if not values or values[0] <= 0:
-        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
 
 
@@ -65,10 +66,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     size.add_argument("--quick", action="store_true", help=f"{PRESETS['quick'][0]} questions, 1 repeat (under 3 minutes)")
     size.add_argument("--full", action="store_true", help="every question of the file, 1 repeat")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="ask a fixed sample of N questions "
-                   f"(default {PRESETS['default'][0]}, {PRESETS['default'][1]} repeats: about 10 minutes on a 2-core CPU)")
+                   f"(default {PRESETS['default'][0]}, {PRESETS['default'][1]} repeats: 7-8 minutes on an idle 2-core CPU)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (figures are medians)")
     p.add_argument("--systems", type=_name_list, default=None, help="comma-separated systems to run (default: all)")
-    p.add_argument("--batch-sizes", type=_int_list, default=list(DEFAULT_BATCH_SIZES), metavar="1,8,32",
+    p.add_argument("--batch-sizes", type=positive_int_list, default=list(DEFAULT_BATCH_SIZES), metavar="1,8,32",
                    help="questions per call; batch 1 (latency) is always run")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="SQuAD-format file, v1.1 or v2.0 (detected); .gz ok")
     p.add_argument("--model", default=None, help="SpanRT bundle folder or Hugging Face checkpoint folder (default: embedded model)")

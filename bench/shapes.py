@@ -20,15 +20,8 @@ from typing import Any
 
 import numpy as np
 
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+from bench.run import positive_int_list
+from engine.batcher import Batch
 
 
 def measure(backend: Any, seqs: list[int], batches: list[int], *, min_runs: int = 3, tokens_per_cell: int = 6144,
@@ -38,9 +31,10 @@ def measure(backend: Any, seqs: list[int], batches: list[int], *, min_runs: int 
     cells = []
     for s in seqs:
         for b in batches:
-            ids = rng.integers(1000, max(1001, vocab), size=(b, s), dtype=np.int64)
-            arrays = {"input_ids": ids, "attention_mask": np.ones((b, s), np.int64), "token_type_ids": np.zeros((b, s), np.int64)}
-            feeds = {n: arrays[n].astype(backend.input_dtypes.get(n, np.int64), copy=False) for n in backend.input_names}
+            batch = Batch(windows=np.arange(b), input_ids=rng.integers(1000, max(1001, vocab), size=(b, s), dtype=np.int64),
+                          attention_mask=np.ones((b, s), np.int64), token_type_ids=np.zeros((b, s), np.int64),
+                          context_mask=np.ones((b, s), bool))
+            feeds = batch.feeds(backend.input_names, backend.input_dtypes)
             backend.run(feeds, lambda start, end, stream: None)  # warm-up: allocations for this shape
             runs = max(min_runs, tokens_per_cell // (b * s))
             times = []
@@ -70,16 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="SpanRT bundle folder (default: the embedded model's bundle)")
     ap.add_argument("--backend", default="onnxruntime")
     ap.add_argument("--precision", default=None)
-    ap.add_argument("--seq", type=_ints, default=[96, 160, 256, 384])
-    ap.add_argument("--batch", type=_ints, default=[1, 2, 4, 8, 16, 32])
+    ap.add_argument("--seq", type=positive_int_list, default=[96, 160, 256, 384])
+    ap.add_argument("--batch", type=positive_int_list, default=[1, 2, 4, 8, 16, 32])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, help="write the cells (raw times included) as JSON here")
     args = ap.parse_args(argv)
 
+    from bench.machine import machine_info
     from engine.backends import open_backend
     from engine.bundle import load_bundle
     from engine.default_model import default_bundle
-    from bench.machine import machine_info
 
     bundle = load_bundle(args.model or default_bundle())
     backend, _ = open_backend(bundle, args.backend, args.precision, threads=args.threads, device_id=0)

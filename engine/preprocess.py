@@ -181,11 +181,6 @@ class ContextCache:
             while len(self._items) > self.max_entries:
                 self._items.popitem(last=False)
 
-    def clear(self) -> None:
-        """Forget every cached context."""
-        with self._lock:
-            self._items.clear()
-
 
 def plan_windows(num_tokens: int, budget: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
     """Context token ranges of the windows: ``budget`` tokens each, consecutive ones overlapping by
