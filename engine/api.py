@@ -21,7 +21,7 @@ import numpy as np
 from typing_extensions import Self
 
 from engine.backends import BACKENDS, open_backend
-from engine.batcher import WindowTable, build_batch, plan_batches
+from engine.batcher import Batch, WindowTable, build_batch, plan_batches
 from engine.bundle import PRECISIONS, Bundle, load_bundle
 from engine.errors import EngineClosedError, InvalidInputError, UnknownOptionError
 from engine.postprocess import Answer, Candidates, collect, finalize
@@ -59,6 +59,9 @@ _HF_HINTS = {
 
 QuestionArg = str | Sequence[str]
 Result = Answer | list[Answer]
+
+# The bundle's model precisions, and bf16: computed from the fp32 model by a backend (OpenVINO)
+ENGINE_PRECISIONS = (*PRECISIONS, "bf16")
 
 
 def _check_text(value: Any, what: str) -> str:
@@ -184,8 +187,8 @@ class Engine:
                  context_cache: int = DEFAULT_CONTEXT_CACHE, max_batch_tokens: int | None = None) -> None:
         if not isinstance(backend, str) or backend not in ("auto", *BACKENDS):
             raise InvalidInputError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}, got {backend!r}")
-        if precision is not None and precision not in PRECISIONS:
-            raise InvalidInputError(f"precision must be None or one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if precision is not None and precision not in ENGINE_PRECISIONS:
+            raise InvalidInputError(f"precision must be None or one of {', '.join(ENGINE_PRECISIONS)}, got {precision!r}")
         max_batch_size = _int_option("max_batch_size", max_batch_size, 1, 4096)
         if threads is not None:
             threads = _int_option("threads", threads, 1, 1024)
@@ -285,10 +288,19 @@ class Engine:
         return self._answer_all(qs, cs, opts, False)
 
     def warmup(self) -> None:
-        """Run a one-window call and a full batch once, so the first real call pays no set-up."""
+        """Run a one-window call and a full batch once, so the first real call pays no set-up; on
+        backends that compile per input shape (``pad_multiple`` > 1), also every padded length of
+        a one-window call."""
         context = "SpanRT answers questions from a context. " * 8
         self.answer("What does SpanRT answer?", context)
         self.answer_batch(["What does SpanRT answer?"] * self.max_batch_size, context)
+        step = self._backend.pad_multiple
+        if step > 1:
+            for length in sorted({*range(step, self.max_seq_len + 1, step), self.max_seq_len}):
+                ids = np.full((1, length), self._pad_id, dtype=np.int64)
+                batch = Batch(windows=np.zeros(1, dtype=np.int64), input_ids=ids, attention_mask=np.ones_like(ids),
+                              token_type_ids=np.zeros_like(ids), context_mask=np.zeros(ids.shape, dtype=bool))
+                self._backend.run(batch.feeds(self._backend.input_names, self._backend.input_dtypes), lambda start, end, stream: None)
 
     def stage_seconds(self) -> dict[str, float]:
         """Seconds spent in tokenize (and batch building) / model / decode (and post-processing)."""
@@ -397,7 +409,7 @@ class Engine:
                                  self._backend.call_cost_tokens):
             self._check_open()
             t0 = time.perf_counter()
-            batch = build_batch(examples, table, rows, self._template, self._pad_id)
+            batch = build_batch(examples, table, rows, self._template, self._pad_id, backend.pad_multiple, self.max_seq_len)
             feeds = batch.feeds(backend.input_names, backend.input_dtypes)
             t1 = time.perf_counter()
             tokenize_s += t1 - t0

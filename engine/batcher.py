@@ -123,10 +123,16 @@ class Batch:
 
 def build_batch(
     examples: Sequence[Example], table: WindowTable, windows: np.ndarray, template: Template, pad_token_id: int,
+    pad_multiple: int = 1, max_len: int | None = None,
 ) -> Batch:
-    """Pad the given windows to the longest of them and fill ids, types, attention and context mask."""
+    """Pad the given windows to the longest of them (rounded up to ``pad_multiple``, but not past
+    ``max_len``) and fill ids, types, attention and context mask."""
     b = len(windows)
     s = int(table.length[windows].max())
+    if pad_multiple > 1:
+        s = -(-s // pad_multiple) * pad_multiple
+        if max_len is not None:
+            s = max(min(s, max_len), int(table.length[windows].max()))
     input_ids = np.full((b, s), pad_token_id, dtype=np.int64)
     types = np.zeros((b, s), dtype=np.int64)
     attention = np.zeros((b, s), dtype=np.int64)

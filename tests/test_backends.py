@@ -27,6 +27,22 @@ def has_ort_cuda() -> bool:
     return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
+def has_openvino() -> bool:
+    return importlib.util.find_spec("onnxruntime_ep_openvino") is not None
+
+
+def openvino_bf16() -> bool:
+    """The OpenVINO plugin is installed and computes BF16 natively on this CPU."""
+    if not has_openvino():
+        return False
+    import onnxruntime
+    import onnxruntime_ep_openvino
+
+    from engine.backends.onnxruntime_openvino import cpu_device, supports_bf16
+
+    return supports_bf16(cpu_device(onnxruntime, onnxruntime_ep_openvino))
+
+
 @pytest.fixture(scope="module")
 def both(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return lookup_bundle(tmp_path_factory.mktemp("both"), **planted(ANSWER), precisions=("fp32", "int8"))
@@ -47,12 +63,58 @@ def test_cpu_default_is_fp32_without_int8(tmp_path: Path) -> None:
         assert e.precision == "fp32"
 
 
-@pytest.mark.skipif(has_ort_cuda() or importlib.util.find_spec("tensorrt") is not None, reason="a GPU backend is installed")
+@pytest.mark.skipif(has_ort_cuda() or importlib.util.find_spec("tensorrt") is not None or openvino_bf16(),
+                    reason="a GPU backend or OpenVINO with BF16 is installed")
 def test_auto_on_a_cpu_machine_picks_onnxruntime_and_records_why(both: Path) -> None:
     with Engine(both, threads=1) as e:
         assert (e.backend, e.precision) == ("onnxruntime", "int8")
         notes = "\n".join(e.backend_notes)
-        assert "tensorrt" in notes and "onnxruntime-cuda" in notes
+        assert "tensorrt" in notes and "onnxruntime-cuda" in notes and "onnxruntime-openvino" in notes
+
+
+@pytest.mark.skipif(has_ort_cuda() or importlib.util.find_spec("tensorrt") is not None or not openvino_bf16(),
+                    reason="needs the OpenVINO plugin on a CPU with BF16, and no GPU backend")
+def test_auto_picks_openvino_bf16_when_installed_and_int8_when_asked(both: Path) -> None:
+    with Engine(both, threads=1) as e:
+        assert (e.backend, e.precision, e.backend_details["provider"]) == ("onnxruntime-openvino", "bf16", "OpenVINOExecutionProvider")
+    with Engine(both, precision="int8", threads=1) as e:  # OpenVINO does not run the int8 graph: the CPU provider does
+        assert (e.backend, e.precision) == ("onnxruntime", "int8")
+        assert any("onnxruntime-openvino: not used for int8" in n for n in e.backend_notes)
+
+
+@pytest.mark.skipif(has_openvino(), reason="the OpenVINO plugin is installed")
+def test_openvino_without_the_plugin_is_an_error(both: Path) -> None:
+    with pytest.raises(BackendUnavailableError, match="pip install onnxruntime-ep-openvino"):
+        Engine(both, backend="onnxruntime-openvino")
+
+
+@pytest.mark.skipif(not has_openvino(), reason="needs the OpenVINO plugin (pip install onnxruntime-ep-openvino)")
+def test_openvino_matches_the_cpu_provider_and_pads_to_its_multiple(tmp_path: Path) -> None:
+    b = lookup_bundle(tmp_path, **planted(ANSWER), precisions=("fp32", "int8"))
+    questions = [f"q{i}?" for i in range(24)]
+    contexts = [CONTEXT * (1 + i % 5) for i in range(24)]
+    with Engine(b, backend="onnxruntime", precision="fp32", threads=1) as cpu, \
+            Engine(b, backend="onnxruntime-openvino", precision="fp32", threads=1) as ov:
+        assert (ov.backend, ov.precision, ov.device) == ("onnxruntime-openvino", "fp32", "cpu")
+        assert ov.backend_details["provider"] == "OpenVINOExecutionProvider" and ov.backend_details["cpu_ep_fallback"] is False
+        shapes: list[tuple[int, ...]] = []
+        real = ov._backend.run
+        ov._backend.run = lambda feeds, consume: (shapes.append(feeds["input_ids"].shape), real(feeds, consume))[1]
+        want = cpu.answer(questions, contexts, top_k=3)
+        got = ov.answer(questions, contexts, top_k=3)
+    assert shapes and all(s[1] % 16 == 0 or s[1] == ov.max_seq_len for s in shapes)
+    for w, g in zip(want, got):
+        assert [(a.text, a.start, a.end) for a in g] == [(a.text, a.start, a.end) for a in w]
+        assert np.allclose([a.score for a in g], [a.score for a in w], rtol=1e-4)
+
+
+@pytest.mark.skipif(not has_openvino(), reason="needs the OpenVINO plugin (pip install onnxruntime-ep-openvino)")
+def test_openvino_refuses_int8_and_bf16_without_native_bf16(both: Path) -> None:
+    with pytest.raises(BackendUnavailableError, match="use backend='onnxruntime' for the int8 model"):
+        Engine(both, backend="onnxruntime-openvino", precision="int8")
+    if not openvino_bf16():
+        with pytest.raises(BackendUnavailableError, match="needs a CPU with native BF16"):
+            Engine(both, backend="onnxruntime-openvino", precision="bf16")
 
 
 def test_explicit_precision_the_bundle_lacks_is_an_error(both: Path) -> None:
@@ -155,3 +217,37 @@ def test_onnxruntime_cuda_matches_cpu(tmp_path: Path) -> None:
     for w, g in zip(want, got):
         assert [(a.text, a.start, a.end) for a in g] == [(a.text, a.start, a.end) for a in w]
         assert np.allclose([a.score for a in g], [a.score for a in w], rtol=2e-2)
+
+
+@pytest.mark.skipif(not has_openvino(), reason="needs the OpenVINO plugin (pip install onnxruntime-ep-openvino)")
+def test_openvino_engine_is_shared_safely_between_threads(both: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    questions = [f"q{i}?" for i in range(8)]
+    contexts = [CONTEXT * (1 + i % 6) for i in range(8)]
+    with Engine(both, backend="onnxruntime-openvino", precision="fp32", threads=2) as e:
+        want = [(a.text, a.start, round(a.score, 5)) for a in e.answer(questions, contexts)]
+
+        def worker(seed: int) -> list[tuple[str, int, float]]:
+            out = []
+            for k in range(40):
+                i = (seed + k) % len(questions)
+                a = e.answer(questions[i], contexts[i])
+                out.append((a.text, a.start, round(a.score, 5)) == want[i])
+            return out
+
+        with ThreadPoolExecutor(6) as pool:
+            results = [ok for r in pool.map(worker, range(6)) for ok in r]
+    assert len(results) == 240 and all(results)
+
+
+@pytest.mark.skipif(not has_openvino(), reason="needs the OpenVINO plugin (pip install onnxruntime-ep-openvino)")
+def test_openvino_warmup_runs_every_padded_length_once(both: Path) -> None:
+    with Engine(both, backend="onnxruntime-openvino", precision="fp32", threads=1) as e:
+        shapes: list[tuple[int, ...]] = []
+        real = e._backend.run
+        e._backend.run = lambda feeds, consume: (shapes.append(feeds["input_ids"].shape), real(feeds, consume))[1]
+        e.warmup()
+        singles = {s[1] for s in shapes if s[0] == 1}
+        assert set(range(16, e.max_seq_len + 1, 16)) | {e.max_seq_len} <= singles
+        assert all(s[1] % 16 == 0 or s[1] == e.max_seq_len for s in shapes)

@@ -228,9 +228,9 @@ def test_one_megabyte_context_in_bounded_batches(eng: Engine, monkeypatch: pytes
     sizes: list[int] = []
     real = api.build_batch
 
-    def spy(examples, table, windows, template, pad):  # type: ignore[no-untyped-def]
+    def spy(examples, table, windows, *rest):  # type: ignore[no-untyped-def]
         sizes.append(len(windows))
-        return real(examples, table, windows, template, pad)
+        return real(examples, table, windows, *rest)
 
     monkeypatch.setattr(api, "build_batch", spy)
     context = ("lorem ipsum dolor sit amet. " * 37_500)[:1_000_000] + " Zanzibar Island."

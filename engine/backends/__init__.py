@@ -1,6 +1,7 @@
 """Model backends, one module each, imported only when asked for.
 
-``open_backend(bundle, "auto")`` tries TensorRT, then ONNX Runtime CUDA, then ONNX Runtime CPU and
+``open_backend(bundle, "auto")`` tries TensorRT, then ONNX Runtime CUDA, then ONNX Runtime with the
+OpenVINO plugin (when installed), then ONNX Runtime CPU and
 records why each faster one was skipped; any explicitly named backend or precision that cannot run
 raises BackendUnavailableError (never a quiet substitution). The torch backend is a reference and
 is never picked by "auto".
@@ -14,8 +15,8 @@ from engine.backends.base import Backend, default_threads
 from engine.bundle import Bundle
 from engine.errors import BackendUnavailableError, BundleError
 
-BACKENDS = ("onnxruntime", "onnxruntime-cuda", "tensorrt", "torch", "torch-cuda")
-AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "onnxruntime")
+BACKENDS = ("onnxruntime", "onnxruntime-openvino", "onnxruntime-cuda", "tensorrt", "torch", "torch-cuda")
+AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "onnxruntime-openvino", "onnxruntime")
 
 logger = logging.getLogger("engine")
 
@@ -27,6 +28,10 @@ def _open_one(name: str, bundle: Bundle, precision: str | None, threads: int | N
         from engine.backends.onnxruntime_cpu import OnnxRuntimeCPU
 
         return OnnxRuntimeCPU(bundle, precision, threads=threads)
+    if name == "onnxruntime-openvino":
+        from engine.backends.onnxruntime_openvino import OnnxRuntimeOpenVINO
+
+        return OnnxRuntimeOpenVINO(bundle, precision, threads=threads)
     if name == "onnxruntime-cuda":
         from engine.backends.onnxruntime_cuda import OnnxRuntimeCUDA
 
@@ -49,11 +54,18 @@ def open_backend(bundle: Bundle, backend: str = "auto", precision: str | None = 
         return _open_one(backend, bundle, precision, threads, device_id), ()
     skipped: list[str] = []
     for name in AUTO_ORDER:
-        if precision is not None and precision not in _precisions_of(name, bundle):
-            skipped.append(f"{name}: bundle has no {precision} model for it")
+        want = precision
+        if name == "onnxruntime-openvino":
+            # Only its BF16 beats ONNX Runtime's own CPU models (int8, fp32); its FP32 does not.
+            if precision not in (None, "bf16"):
+                skipped.append(f"{name}: not used for {precision} (onnxruntime's CPU provider runs it faster)")
+                continue
+            want = "bf16"
+        if want is not None and want not in _precisions_of(name, bundle):
+            skipped.append(f"{name}: bundle has no {want} model for it")
             continue
         try:
-            chosen = _open_one(name, bundle, precision, threads, device_id)
+            chosen = _open_one(name, bundle, want, threads, device_id)
         except BackendUnavailableError as e:
             skipped.append(f"{name}: {e}")
             logger.info("spanrt auto backend: skipping %s: %s", name, e)
@@ -72,5 +84,7 @@ def open_backend(bundle: Bundle, backend: str = "auto", precision: str | None = 
 
 
 def _precisions_of(name: str, bundle: Bundle) -> tuple[str, ...]:
+    if name == "onnxruntime-openvino":  # OpenVINO's BF16 or FP32 on the bundle's FP32 graph
+        return ("bf16", "fp32") if "fp32" in bundle.precisions("onnx") else ()
     fmt = "tensorrt" if name == "tensorrt" else "onnx"
     return bundle.precisions(fmt)

@@ -57,6 +57,8 @@ class Backend(abc.ABC):
     # The fixed cost of one model call, in tokens' worth of work: the batch planner puts two
     # windows in one batch only when the padding costs less than the call it saves (0: greedy).
     call_cost_tokens: int = 0
+    # Batches are padded to a multiple of this many tokens (runtimes that compile per input shape)
+    pad_multiple: int = 1
     details: dict[str, Any]  # what was actually used: provider, threads, file ... (recorded, logged)
 
     @abc.abstractmethod
