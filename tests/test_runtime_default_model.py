@@ -75,3 +75,20 @@ def test_backends_and_precisions_agree(default_bundle: Path, dev: list[SquadExam
         t = _run(torch_fp32, dev)
     same_t = sum((a.text, a.start) == (b.text, b.start) for a, b in zip(ref, t)) / len(dev)
     assert same_t >= 0.98, f"ONNX fp32 and PyTorch fp32 agree on only {same_t:.0%} of the answers"
+
+
+def test_openvino_bf16_agrees_with_fp32(default_bundle: Path, dev: list[SquadExample]) -> None:
+    pytest.importorskip("onnxruntime_ep_openvino", reason="needs the openvino extra")
+    from engine.errors import BackendUnavailableError
+
+    with Engine(default_bundle, backend="onnxruntime", precision="fp32") as fp32:
+        ref = _run(fp32, dev)
+    try:
+        ov = Engine(default_bundle, backend="onnxruntime-openvino", precision="bf16")
+    except BackendUnavailableError as e:
+        pytest.skip(f"no native BF16 on this CPU: {e}")
+    with ov:
+        got = _run(ov, dev)
+    same = sum((a.text, a.start) == (b.text, b.start) for a, b in zip(ref, got)) / len(dev)
+    assert same >= 0.95, f"OpenVINO bf16 gives the fp32 answer for only {same:.0%} of the questions"
+    assert _f1(dev, got) >= _f1(dev, ref) - 1.0
