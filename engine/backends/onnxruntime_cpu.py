@@ -87,7 +87,23 @@ def check_io(session: Any, bundle: Bundle, artifact: Artifact) -> dict[str, np.d
     return {i.name: onnx_numpy_dtype(i.type) for i in session.get_inputs()}
 
 
-class OnnxRuntimeCPU(Backend):
+class HostSessionBackend(Backend):
+    """An ONNX Runtime session whose logits come back to host memory (the CPU-side providers)."""
+
+    session: Any
+    _outputs = ["start_logits", "end_logits"]
+
+    def run(self, feeds: Mapping[str, np.ndarray], consume: Consume[T]) -> T:
+        """Run the session (thread-safe in ONNX Runtime) and pass the host logits on."""
+        start, end = self.session.run(self._outputs, dict(feeds))
+        return consume(start, end, None)
+
+    def close(self) -> None:
+        """Drop the session."""
+        self.session = None
+
+
+class OnnxRuntimeCPU(HostSessionBackend):
     """ONNX Runtime CPUExecutionProvider on an int8 or fp32 ONNX model of the bundle."""
 
     name = "onnxruntime"
@@ -114,13 +130,4 @@ class OnnxRuntimeCPU(Backend):
                         "disabled_optimizers": list(CPU_DISABLED_OPTIMIZERS), "max_batch_tokens": self.max_batch_tokens,
                         "call_cost_tokens": self.call_cost_tokens,
                         "onnxruntime": ort.__version__}
-        self._outputs = ["start_logits", "end_logits"]
 
-    def run(self, feeds: Mapping[str, np.ndarray], consume: Consume[T]) -> T:
-        """Run the session (thread-safe in ONNX Runtime) and pass the host logits on."""
-        start, end = self.session.run(self._outputs, dict(feeds))
-        return consume(start, end, None)
-
-    def close(self) -> None:
-        """Drop the session."""
-        self.session = None

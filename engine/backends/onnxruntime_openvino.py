@@ -21,13 +21,10 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
-from engine.backends.base import CPU_CALL_COST_TOKENS, CPU_MAX_BATCH_TOKENS, Backend, Consume, T, default_threads, require_artifact
-from engine.backends.onnxruntime_cpu import check_io, import_onnxruntime, open_session, session_options
+from engine.backends.base import CPU_CALL_COST_TOKENS, CPU_MAX_BATCH_TOKENS, default_threads, require_artifact
+from engine.backends.onnxruntime_cpu import HostSessionBackend, check_io, import_onnxruntime, open_session, session_options
 from engine.bundle import Bundle
 from engine.errors import BackendUnavailableError
 
@@ -80,7 +77,7 @@ def supports_bf16(device: Any) -> bool:
     return "BF16" in str(device.ep_metadata.get("OPTIMIZATION_CAPABILITIES", "")).split()
 
 
-class OnnxRuntimeOpenVINO(Backend):
+class OnnxRuntimeOpenVINO(HostSessionBackend):
     """ONNX Runtime with the OpenVINO execution provider on the CPU, BF16 or FP32, whole graph."""
 
     name = "onnxruntime-openvino"
@@ -123,13 +120,3 @@ class OnnxRuntimeOpenVINO(Backend):
                         "cpu_ep_fallback": False, "pad_multiple": self.pad_multiple, "max_batch_tokens": self.max_batch_tokens,
                         "call_cost_tokens": self.call_cost_tokens, "onnxruntime": ort.__version__,
                         "plugin": str(device.ep_metadata.get("version", "?"))}
-        self._outputs = ["start_logits", "end_logits"]
-
-    def run(self, feeds: Mapping[str, np.ndarray], consume: Consume[T]) -> T:
-        """Run the session and pass the host logits on."""
-        start, end = self.session.run(self._outputs, dict(feeds))
-        return consume(start, end, None)
-
-    def close(self) -> None:
-        """Drop the session."""
-        self.session = None
