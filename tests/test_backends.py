@@ -251,3 +251,24 @@ def test_openvino_warmup_runs_every_padded_length_once(both: Path) -> None:
         singles = {s[1] for s in shapes if s[0] == 1}
         assert set(range(16, e.max_seq_len + 1, 16)) | {e.max_seq_len} <= singles
         assert all(s[1] % 16 == 0 or s[1] == e.max_seq_len for s in shapes)
+
+
+@pytest.mark.skipif(not has_openvino() or has_ort_cuda() or importlib.util.find_spec("tensorrt") is not None,
+                    reason="needs the OpenVINO plugin, and no GPU backend")
+def test_a_graph_openvino_cannot_take_whole_is_unavailable_and_auto_moves_on(both: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime
+
+    real = onnxruntime.InferenceSession
+
+    def session(path, sess_options=None, providers=None, **kw):  # type: ignore[no-untyped-def]
+        if not providers:  # the OpenVINO backend: providers come from the session options
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : This session contains graph nodes that are assigned to the "
+                               "default CPU EP, but fallback to CPU EP has been explicitly disabled by the user.")
+        return real(path, sess_options=sess_options, providers=providers, **kw)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+    with pytest.raises(BackendUnavailableError, match="could not start OpenVINOExecutionProvider for model.fp32.onnx"):
+        Engine(both, backend="onnxruntime-openvino", precision="fp32")
+    with Engine(both, threads=1) as e:
+        assert e.backend == "onnxruntime"
+        assert any("onnxruntime-openvino" in n and "fallback to CPU EP" in n for n in e.backend_notes) or not openvino_bf16()

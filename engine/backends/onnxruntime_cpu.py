@@ -65,14 +65,18 @@ def session_options(ort: Any, threads: int) -> Any:
 
 
 def open_session(ort: Any, artifact: Artifact, so: Any, providers: list[Any], *,
-                 disabled_optimizers: tuple[str, ...] = ()) -> Any:
-    """An InferenceSession on ``artifact``; a file ONNX Runtime cannot load is a BundleError."""
+                 disabled_optimizers: tuple[str, ...] = (), provider: str | None = None) -> Any:
+    """An InferenceSession on ``artifact``; a file ONNX Runtime cannot load is a BundleError, a
+    provider that cannot start (or cannot take the whole graph when CPU fallback is disabled) a
+    BackendUnavailableError. ``provider`` names it when it is set in ``so`` rather than ``providers``."""
     try:
         return ort.InferenceSession(str(artifact.path), sess_options=so, providers=providers,
                                     disabled_optimizers=list(disabled_optimizers) or None)
     except Exception as e:  # onnxruntime raises its own pybind exception types (Fail, InvalidGraph, ...)
-        if "provider" in str(e).lower() or "cuda" in str(e).lower():
-            raise BackendUnavailableError(f"ONNX Runtime could not start {providers[0]} for {artifact.path.name}: {e}") from e
+        msg = str(e).lower()
+        if "provider" in msg or "cuda" in msg or "fallback to cpu ep" in msg:
+            name = provider or (providers[0] if providers else "the execution provider")
+            raise BackendUnavailableError(f"ONNX Runtime could not start {name} for {artifact.path.name}: {e}") from e
         raise BundleError(f"bundle {artifact.path.parent}: {artifact.path.name}: ONNX Runtime cannot load it ({type(e).__name__}: {e}). "
                           "Fix: export the bundle again with python -m export") from e
 

@@ -108,7 +108,7 @@ class OnnxRuntimeOpenVINO(HostSessionBackend):
         load_config = {"CPU": {"INFERENCE_NUM_THREADS": str(self.threads), "INFERENCE_PRECISION_HINT": OV_PRECISION[precision],
                                "PERFORMANCE_HINT": "LATENCY"}}
         so.add_provider_for_devices([device], {"load_config": json.dumps(load_config)})
-        self.session = open_session(ort, artifact, so, [])
+        self.session = open_session(ort, artifact, so, [], provider=EP_NAME)
         got = self.session.get_providers()
         if not got or got[0] != EP_NAME:
             raise BackendUnavailableError(f"ONNX Runtime did not start {EP_NAME} (the session got {got})")
