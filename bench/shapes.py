@@ -31,9 +31,7 @@ def measure(backend: Any, seqs: list[int], batches: list[int], *, min_runs: int 
     cells = []
     for s in seqs:
         for b in batches:
-            batch = Batch(windows=np.arange(b), input_ids=rng.integers(1000, max(1001, vocab), size=(b, s), dtype=np.int64),
-                          attention_mask=np.ones((b, s), np.int64), token_type_ids=np.zeros((b, s), np.int64),
-                          context_mask=np.ones((b, s), bool))
+            batch = Batch.of_ids(rng.integers(1000, max(1001, vocab), size=(b, s), dtype=np.int64))
             feeds = batch.feeds(backend.input_names, backend.input_dtypes)
             backend.run(feeds, lambda start, end, stream: None)  # warm-up: allocations for this shape
             runs = max(min_runs, tokens_per_cell // (b * s))

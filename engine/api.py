@@ -297,9 +297,7 @@ class Engine:
         step = self._backend.pad_multiple
         if step > 1:
             for length in sorted({*range(step, self.max_seq_len + 1, step), self.max_seq_len}):
-                ids = np.full((1, length), self._pad_id, dtype=np.int64)
-                batch = Batch(windows=np.zeros(1, dtype=np.int64), input_ids=ids, attention_mask=np.ones_like(ids),
-                              token_type_ids=np.zeros_like(ids), context_mask=np.zeros(ids.shape, dtype=bool))
+                batch = Batch.of_ids(np.full((1, length), self._pad_id, dtype=np.int64))
                 self._backend.run(batch.feeds(self._backend.input_names, self._backend.input_dtypes), lambda start, end, stream: None)
 
     def stage_seconds(self) -> dict[str, float]:

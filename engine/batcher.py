@@ -115,6 +115,13 @@ class Batch:
     token_type_ids: np.ndarray  # [B, S]
     context_mask: np.ndarray  # bool [B, S], True on context tokens (answer candidates)
 
+    @classmethod
+    def of_ids(cls, input_ids: np.ndarray) -> Batch:
+        """A batch of unpadded windows with these ids (segment 0, every token a context token): for
+        timing and warming up a backend at a shape, not for answers."""
+        return cls(windows=np.arange(len(input_ids)), input_ids=input_ids, attention_mask=np.ones_like(input_ids),
+                   token_type_ids=np.zeros_like(input_ids), context_mask=np.ones(input_ids.shape, dtype=bool))
+
     def feeds(self, input_names: Sequence[str], dtypes: dict[str, np.dtype]) -> dict[str, np.ndarray]:
         """The inputs by the model's names, in the dtypes the model declares."""
         arrays = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "token_type_ids": self.token_type_ids}
@@ -128,11 +135,11 @@ def build_batch(
     """Pad the given windows to the longest of them (rounded up to ``pad_multiple``, but not past
     ``max_len``) and fill ids, types, attention and context mask."""
     b = len(windows)
-    s = int(table.length[windows].max())
+    longest = s = int(table.length[windows].max())
     if pad_multiple > 1:
-        s = -(-s // pad_multiple) * pad_multiple
+        s = -(-longest // pad_multiple) * pad_multiple
         if max_len is not None:
-            s = max(min(s, max_len), int(table.length[windows].max()))
+            s = max(min(s, max_len), longest)
     input_ids = np.full((b, s), pad_token_id, dtype=np.int64)
     types = np.zeros((b, s), dtype=np.int64)
     attention = np.zeros((b, s), dtype=np.int64)
