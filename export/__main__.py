@@ -95,6 +95,7 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorrt", type=_csv(TRT_PRECISIONS), default=(), help="build TensorRT plans now (needs tensorrt and a GPU): fp16,int8")
     p.add_argument("--tensorrt-onnx", type=_csv(TRT_PRECISIONS, allow_none=True), default=("fp16",),
                    help="TensorRT input graphs to ship for a later build-trt on the target GPU: fp16,int8 or none (default: fp16)")
+    p.add_argument("--no-native", action="store_true", help="leave out the native AMX encoder's weights (backend 'native')")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
@@ -108,7 +109,7 @@ def _export(argv: list[str]) -> int:
     opts = ExportOptions(
         precisions=args.precisions, max_seq_len=args.max_seq_len, opset=args.opset, calibration_data=args.calibration_data,
         calibration_samples=args.calibration_samples, int8=QuantConfig(recipe=args.int8, calibration=args.int8_calibration),
-        tensorrt=args.tensorrt, tensorrt_onnx=args.tensorrt_onnx, force=args.force, quiet=args.quiet,
+        tensorrt=args.tensorrt, tensorrt_onnx=args.tensorrt_onnx, native=not args.no_native, force=args.force, quiet=args.quiet,
     )
     print(export_bundle(args.model_dir, args.out, opts))
     return 0

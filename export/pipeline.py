@@ -40,6 +40,7 @@ class ExportOptions:
     min_int8_span_agreement: float = 0.5  # guard against a broken INT8 graph (accuracy is measured by the bench)
     tensorrt: tuple[str, ...] = ()  # plans to build now (needs tensorrt and a GPU)
     tensorrt_onnx: tuple[str, ...] = ("fp16",)  # TensorRT input graphs to ship, for build-trt on the target GPU
+    native: bool = True  # write the native AMX encoder's float32 weights (engine backend "native")
     accuracy: dict[str, Any] | None = None  # measured figures to record (e.g. from a model card), by precision
     force: bool = False
     quiet: bool = False
@@ -154,6 +155,9 @@ def export_bundle(model_dir: str | Path, out: str | Path, opts: ExportOptions | 
         with progress.step("verify ONNX fp32 vs PyTorch"):
             verification["onnx_fp32"] = onnx_export.verify_against(
                 reference, onnx_export.ort_session(raw), batches, atol=FP32_ATOL, min_span_agreement=1.0, label="ONNX fp32")
+        if opts.native:
+            with progress.step("native encoder weights"):
+                verification["native"] = _write_native(w, model, spec, reference, batches, opts)
         del model  # free the PyTorch copy before quantization
 
         fused = w.path("model.fp32.onnx")
@@ -266,6 +270,44 @@ def export_bundle(model_dir: str | Path, out: str | Path, opts: ExportOptions | 
         path = w.commit(manifest)
     progress.log(f"[export] bundle written to {path} in {time.perf_counter() - t_start:.1f}s")
     return path
+
+
+def _write_native(w: BundleWriter, model: Any, spec: Any, reference: list[Any], batches: list[EncodedBatch],
+                  opts: ExportOptions) -> dict[str, Any]:
+    """Write the native encoder's weights as an artifact and, where this CPU has AMX, check its
+    INT8 and BF16 logits against PyTorch like the ONNX graphs (else say why it was not checked)."""
+    from engine.backends.base import default_threads
+    from engine.backends.native import FORMAT, amx_status, encoder_config, import_encoder
+    from export.native import NATIVE_FILE, write_native
+    from export.onnx import verify_against
+
+    config = write_native(model, spec, w.path(NATIVE_FILE))
+    entry = w.add_artifact(NATIVE_FILE, format=FORMAT, precision="fp32", encoder=config, computes=["int8", "bf16"])
+    ok, reason = amx_status()
+    if not ok:
+        return {"checked": False, "reason": reason}
+    module = import_encoder()
+    import numpy as np
+
+    with np.load(w.path(NATIVE_FILE), allow_pickle=False) as data:
+        weights = {k: data[k] for k in data.files}
+    figures: dict[str, Any] = {"checked": True}
+    for precision in ("int8", "bf16"):
+        enc = module.Encoder(encoder_config(w.tmp, entry), weights, precision, default_threads())
+        figures[precision] = verify_against(reference, _EncoderSession(enc), batches, atol=None,
+                                            min_span_agreement=opts.min_int8_span_agreement, label=f"native {precision} encoder")
+    return figures
+
+
+class _EncoderSession:
+    """The native encoder behind the session.run interface the export's verification calls."""
+
+    def __init__(self, encoder: Any) -> None:
+        self.encoder = encoder
+
+    def run(self, names: list[str], feeds: dict[str, Any]) -> list[Any]:
+        start, end = self.encoder.forward(feeds["input_ids"], feeds["attention_mask"], feeds.get("token_type_ids"))
+        return [start, end]
 
 
 def _options_record(opts: ExportOptions) -> dict[str, Any]:

@@ -122,7 +122,9 @@ def test_bundle_structure_and_manifest(exported: dict[str, tuple[Path, Path]], f
     assert list(b.input_names) == INPUTS[family]
     assert b.max_seq_len == SEQ
     assert b.precisions("onnx") == ("fp32", "int8")
-    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "model.fp32.onnx", "model.int8.onnx", "model.trt.fp16.onnx", "tokenizer.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "model.fp32.onnx", "model.int8.onnx", "model.native.npz",
+                                                     "model.trt.fp16.onnx", "tokenizer.json"]
+    assert b.precisions("native") == ("fp32",)  # the native encoder's float32 weights (every family)
     assert b.precisions("onnx-trt") == ("fp16",)  # the TensorRT input graph ships by default (build-trt on the target)
     assert m["source"]["weights_sha256"] == _sha(ckpt / "model.safetensors")
     for key in ("torch", "transformers", "onnx", "onnxruntime"):
@@ -218,7 +220,8 @@ def test_existing_target_needs_force_and_force_replaces(exported: dict[str, tupl
     b16 = load_bundle(out)
     assert b16.precisions("onnx") == ("fp32", "fp16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"], "no temporary folders left behind"
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.fp16.onnx", "model.fp32.onnx", "model.trt.fp16.onnx", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.fp16.onnx", "model.fp32.onnx", "model.native.npz",
+                                                    "model.trt.fp16.onnx", "tokenizer.json"]
     ops = {n.op_type for n in onnx.load(str(b16.find("onnx", "fp16").path)).graph.node}
     cpu_ops = {n.op_type for n in onnx.load(str(b16.find("onnx", "fp32").path)).graph.node}
     # the GPU graph fuses residual + LayerNorm (fast on CUDA); the CPU graph does not

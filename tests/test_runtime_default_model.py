@@ -92,3 +92,22 @@ def test_openvino_bf16_agrees_with_fp32(default_bundle: Path, dev: list[SquadExa
     same = sum((a.text, a.start) == (b.text, b.start) for a, b in zip(ref, got)) / len(dev)
     assert same >= 0.95, f"OpenVINO bf16 gives the fp32 answer for only {same:.0%} of the questions"
     assert _f1(dev, got) >= _f1(dev, ref) - 1.0
+
+
+def test_native_int8_agrees_with_fp32_and_ignores_its_batch(default_bundle: Path, dev: list[SquadExample]) -> None:
+    from engine.backends.native import amx_status
+
+    ok, why = amx_status()
+    if not ok:
+        pytest.skip(f"the native encoder cannot run here: {why}")
+    with Engine(default_bundle, backend="onnxruntime", precision="fp32") as fp32:
+        ref = _run(fp32, dev)
+    with Engine(default_bundle, backend="native", precision="int8") as nat:
+        got = _run(nat, dev)
+        # one question at a time: the same answers and scores, bit for bit (no batch-dependent scales)
+        for ex, a in list(zip(dev, got))[:25]:
+            single = nat.answer(ex.question, ex.context)
+            assert (single.text, single.start, single.score) == (a.text, a.start, a.score)
+    same = sum((a.text, a.start) == (b.text, b.start) for a, b in zip(ref, got)) / len(dev)
+    assert same >= 0.95, f"native int8 gives the fp32 answer for only {same:.0%} of the questions"
+    assert _f1(dev, got) >= _f1(dev, ref) - 1.0

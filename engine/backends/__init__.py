@@ -1,7 +1,8 @@
 """Model backends, one module each, imported only when asked for.
 
-``open_backend(bundle, "auto")`` tries TensorRT, then ONNX Runtime CUDA, then ONNX Runtime with the
-OpenVINO plugin (when installed), then ONNX Runtime CPU and
+``open_backend(bundle, "auto")`` tries TensorRT, then ONNX Runtime CUDA, then SpanRT's native AMX
+encoder (int8), then ONNX Runtime with the OpenVINO plugin (bf16, when installed), then ONNX
+Runtime CPU and
 records why each faster one was skipped; any explicitly named backend or precision that cannot run
 raises BackendUnavailableError (never a quiet substitution). The torch backend is a reference and
 is never picked by "auto".
@@ -15,8 +16,8 @@ from engine.backends.base import Backend, default_threads
 from engine.bundle import Bundle
 from engine.errors import BackendUnavailableError, BundleError
 
-BACKENDS = ("onnxruntime", "onnxruntime-openvino", "onnxruntime-cuda", "tensorrt", "torch", "torch-cuda")
-AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "onnxruntime-openvino", "onnxruntime")
+BACKENDS = ("onnxruntime", "native", "onnxruntime-openvino", "onnxruntime-cuda", "tensorrt", "torch", "torch-cuda")
+AUTO_ORDER = ("tensorrt", "onnxruntime-cuda", "native", "onnxruntime-openvino", "onnxruntime")
 
 logger = logging.getLogger("engine")
 
@@ -28,6 +29,10 @@ def _open_one(name: str, bundle: Bundle, precision: str | None, threads: int | N
         from engine.backends.onnxruntime_cpu import OnnxRuntimeCPU
 
         return OnnxRuntimeCPU(bundle, precision, threads=threads)
+    if name == "native":
+        from engine.backends.native import NativeCPU
+
+        return NativeCPU(bundle, precision, threads=threads)
     if name == "onnxruntime-openvino":
         from engine.backends.onnxruntime_openvino import OnnxRuntimeOpenVINO
 
@@ -55,7 +60,13 @@ def open_backend(bundle: Bundle, backend: str = "auto", precision: str | None = 
     skipped: list[str] = []
     for name in AUTO_ORDER:
         want = precision
-        if name == "onnxruntime-openvino":
+        if name == "native":
+            # Its INT8 is the fastest CPU model here; its BF16 is slower than OpenVINO's in batches.
+            if precision not in (None, "int8"):
+                skipped.append(f"{name}: not used for {precision} by auto (ask for backend='native' explicitly)")
+                continue
+            want = "int8"
+        elif name == "onnxruntime-openvino":
             # Only its BF16 beats ONNX Runtime's own CPU models (int8, fp32); its FP32 does not.
             if precision not in (None, "bf16"):
                 skipped.append(f"{name}: not used for {precision} (onnxruntime's CPU provider runs it faster)")
@@ -84,6 +95,8 @@ def open_backend(bundle: Bundle, backend: str = "auto", precision: str | None = 
 
 
 def _precisions_of(name: str, bundle: Bundle) -> tuple[str, ...]:
+    if name == "native":  # INT8 or BF16 computed from the bundle's float32 native weights
+        return ("int8", "bf16") if "fp32" in bundle.precisions("native") else ()
     if name == "onnxruntime-openvino":  # OpenVINO's BF16 or FP32 on the bundle's FP32 graph
         return ("bf16", "fp32") if "fp32" in bundle.precisions("onnx") else ()
     fmt = "tensorrt" if name == "tensorrt" else "onnx"

@@ -1,0 +1,673 @@
+// SpanRT's native CPU encoder with Intel AMX (see spanrt/encoder.h for what it computes).
+// This file is compiled with -mavx512* -mamx-* and linked into its own module, engine._encoder,
+// which Python imports only after engine._kernels.amx_status() has confirmed the CPU.
+//
+// Tiles: every kernel uses the same configuration, eight tiles of 16 rows x 64 bytes:
+//   int8 GEMM: A 16 tokens x 64 int8, B 16 rows of 4 k x 16 columns (VNNI), C 16 x 16 int32;
+//   bf16 GEMM: A 16 tokens x 32 bf16, B 16 rows of 2 k x 16 columns, C 16 x 16 fp32.
+// A GEMM block is 32 x 32 outputs: C tiles 0-3, A tiles 4-5, B tiles 6-7.
+#include "spanrt/encoder.h"
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+namespace spanrt {
+namespace {
+
+constexpr float kMaskedLogit = -10000.0f;
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// 64-byte aligned, zero-initialised storage.
+template <class T>
+class Buffer {
+ public:
+  Buffer() = default;
+  explicit Buffer(size_t count) { resize(count); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  Buffer(Buffer&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)) {}
+  Buffer& operator=(Buffer&& o) noexcept {
+    std::swap(p_, o.p_);
+    std::swap(n_, o.n_);
+    return *this;
+  }
+  ~Buffer() { std::free(p_); }
+  void resize(size_t count) {
+    std::free(p_);
+    const size_t bytes = static_cast<size_t>(round_up(static_cast<int64_t>(std::max<size_t>(count, 1) * sizeof(T)), 64));
+    p_ = static_cast<T*>(std::aligned_alloc(64, bytes));
+    if (p_ == nullptr) throw std::bad_alloc();
+    std::memset(static_cast<void*>(p_), 0, bytes);
+    n_ = count;
+  }
+  T* data() { return p_; }
+  const T* data() const { return p_; }
+  size_t size() const { return n_; }
+
+ private:
+  T* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+// ---- tiles ------------------------------------------------------------------------------------
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+void configure_tiles() {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// ---- vector math ------------------------------------------------------------------------------
+inline __m512 exp512(__m512 x) {
+  // exp(x) = 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2; degree-6 Taylor, rel. error < 2e-7
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 gelu512(__m512 x) {
+  // 0.5 x (1 + erf(x / sqrt 2)), erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7)
+  const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
+  const __m512 az = _mm512_abs_ps(z);
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(az, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
+  __m512 p = _mm512_set1_ps(1.061405429f);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+  p = _mm512_mul_ps(p, t);
+  const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(az, az)));
+  __m512 erf_abs = _mm512_fnmadd_ps(p, e, _mm512_set1_ps(1.0f));
+  // sign of z
+  const __m512 erf = _mm512_castsi512_ps(_mm512_or_si512(
+      _mm512_castps_si512(erf_abs), _mm512_and_si512(_mm512_castps_si512(z), _mm512_set1_epi32(INT32_MIN))));
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(_mm512_set1_ps(1.0f), erf));
+}
+
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1); }
+
+inline uint16_t to_bf16(float f) {  // round to nearest even (inputs are finite)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// n floats -> n bf16 (n any), vectorised
+inline void row_to_bf16(const float* x, int64_t n, uint16_t* out) {
+  int64_t j = 0;
+  for (; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + j);
+    const __m256i b = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+    _mm256_mask_storeu_epi16(out + j, m, b);
+  }
+}
+
+float reduce_max_row(const float* x, int64_t n) {
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < n; j += 16) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail_mask(n - j), x + j));
+  return _mm512_reduce_max_ps(m);
+}
+
+// ---- packed linear layers ---------------------------------------------------------------------
+struct Linear {
+  int64_t in = 0, out = 0;
+  int64_t k_pad = 0;   // in, rounded to the K step (64 int8 / 32 bf16)
+  int64_t n_pad = 0;   // out, rounded to 32
+  Buffer<int8_t> w8;   // [n_pad/16][k_pad/64][16][64]
+  Buffer<uint16_t> w16;  // [n_pad/16][k_pad/32][16][32]
+  Buffer<float> scale;   // [n_pad] per output channel (int8)
+  Buffer<float> bias;    // [n_pad]
+};
+
+int64_t k_step(LinearPrecision p) { return p == LinearPrecision::kInt8 ? 64 : 32; }
+
+Linear pack_linear(const float* w, const float* b, int64_t out, int64_t in, LinearPrecision p) {
+  Linear L;
+  L.in = in;
+  L.out = out;
+  L.k_pad = round_up(in, k_step(p));
+  L.n_pad = round_up(out, 32);
+  L.bias.resize(L.n_pad);
+  L.scale.resize(L.n_pad);
+  for (int64_t n = 0; n < out; ++n) L.bias.data()[n] = b[n];
+  if (p == LinearPrecision::kInt8) {
+    const int64_t kb_count = L.k_pad / 64;
+    L.w8.resize(static_cast<size_t>(L.n_pad * L.k_pad));
+    for (int64_t n = 0; n < out; ++n) {
+      const float* row = w + n * in;
+      float amax = 0.0f;
+      for (int64_t k = 0; k < in; ++k) amax = std::max(amax, std::fabs(row[k]));
+      const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
+      L.scale.data()[n] = s;
+      const int64_t nb = n / 16, c = n % 16;
+      for (int64_t k = 0; k < in; ++k) {
+        const int64_t kb = k / 64, r = (k % 64) / 4, e = k % 4;
+        const float q = std::nearbyint(row[k] / s);
+        L.w8.data()[((nb * kb_count + kb) * 16 + r) * 64 + c * 4 + e] = static_cast<int8_t>(std::clamp(q, -127.0f, 127.0f));
+      }
+    }
+  } else {
+    const int64_t kb_count = L.k_pad / 32;
+    L.w16.resize(static_cast<size_t>(L.n_pad * L.k_pad));
+    for (int64_t n = 0; n < out; ++n) {
+      L.scale.data()[n] = 1.0f;
+      const int64_t nb = n / 16, c = n % 16;
+      for (int64_t k = 0; k < in; ++k) {
+        const int64_t kb = k / 32, r = (k % 32) / 2, e = k % 2;
+        L.w16.data()[((nb * kb_count + kb) * 16 + r) * 32 + c * 2 + e] = to_bf16(w[n * in + k]);
+      }
+    }
+  }
+  return L;
+}
+
+// Activations of one GEMM's input: [m_pad, k_pad] int8 (+ a scale per row) or bf16.
+struct Activations {
+  Buffer<int8_t> a8;
+  Buffer<uint16_t> a16;
+  Buffer<float> scale;
+  int64_t k_pad = 0;
+};
+
+// Row r of x [.., n] (stride ld) into the activations (orphaned omp for over rows).
+void quantize_rows(const float* x, int64_t ld, int64_t rows, int64_t n, LinearPrecision p, Activations& act) {
+  if (p == LinearPrecision::kInt8) {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xr = x + r * ld;
+      __m512 amax = _mm512_setzero_ps();
+      for (int64_t j = 0; j < n; j += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask(n - j), xr + j)));
+      const float m = _mm512_reduce_max_ps(amax);
+      const float s = m > 0.0f ? m / 127.0f : 1.0f;
+      act.scale.data()[r] = s;
+      const __m512 inv = _mm512_set1_ps(1.0f / s);
+      int8_t* out = act.a8.data() + r * act.k_pad;
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 mk = tail_mask(n - j);
+        const __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xr + j), inv),
+                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_mask_storeu_epi8(out + j, mk, _mm512_cvtsepi32_epi8(q));
+      }
+    }
+  } else {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      act.scale.data()[r] = 1.0f;
+      row_to_bf16(x + r * ld, n, act.a16.data() + r * act.k_pad);
+    }
+  }
+}
+
+enum class Epilogue { kBias, kBiasGelu };
+
+// out[m, n] = epilogue(sum_k A[m, k] W[n, k] * scales + bias[n]) for m < rows, n < L.out.
+// Called by every thread of the parallel region: thread t owns a fixed slice of the 32-column
+// blocks (its weights stay in its L2 cache) and walks the rows in chunks of 128 (the chunk's
+// activations stay in cache while all of the thread's columns pass over them); a barrier ends it.
+constexpr int64_t kRowChunk = 128;
+
+void gemm(const Linear& L, const Activations& act, int64_t rows, LinearPrecision p, Epilogue ep, float* out, int64_t ldo) {
+  const int64_t n_blocks = L.n_pad / 32;
+  const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+  const int64_t nb_lo = n_blocks * t / nt, nb_hi = n_blocks * (t + 1) / nt;
+  alignas(64) int32_t c[32 * 32];
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
+    const int64_t r1 = std::min(rows, r0 + kRowChunk);
+    for (int64_t nb = nb_lo; nb < nb_hi; ++nb) {
+      for (int64_t m0 = r0; m0 < r1; m0 += 32) {
+        const int64_t n0 = nb * 32;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        if (p == LinearPrecision::kInt8) {
+          const int64_t kbs = L.k_pad / 64, lda = act.k_pad;
+          const int8_t* a = act.a8.data() + m0 * lda;
+          const int8_t* b0 = L.w8.data() + (2 * nb) * kbs * 1024;
+          const int8_t* b1 = b0 + kbs * 1024;
+          for (int64_t kb = 0; kb < kbs; ++kb) {
+            _tile_loadd(4, a + kb * 64, lda);
+            _tile_loadd(5, a + 16 * lda + kb * 64, lda);
+            _tile_loadd(6, b0 + kb * 1024, 64);
+            _tile_loadd(7, b1 + kb * 1024, 64);
+            _tile_dpbssd(0, 4, 6);
+            _tile_dpbssd(1, 4, 7);
+            _tile_dpbssd(2, 5, 6);
+            _tile_dpbssd(3, 5, 7);
+          }
+        } else {
+          const int64_t kbs = L.k_pad / 32, lda = act.k_pad * 2;
+          const char* a = reinterpret_cast<const char*>(act.a16.data()) + m0 * lda;
+          const char* b0 = reinterpret_cast<const char*>(L.w16.data()) + (2 * nb) * kbs * 1024;
+          const char* b1 = b0 + kbs * 1024;
+          for (int64_t kb = 0; kb < kbs; ++kb) {
+            _tile_loadd(4, a + kb * 64, lda);
+            _tile_loadd(5, a + 16 * lda + kb * 64, lda);
+            _tile_loadd(6, b0 + kb * 1024, 64);
+            _tile_loadd(7, b1 + kb * 1024, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+        _tile_stored(0, c, 128);
+        _tile_stored(1, c + 16, 128);
+        _tile_stored(2, c + 16 * 32, 128);
+        _tile_stored(3, c + 16 * 32 + 16, 128);
+        const int64_t m_end = std::min<int64_t>(32, rows - m0);
+        for (int64_t half = 0; half < 2; ++half) {
+          const int64_t n = n0 + half * 16;
+          if (n >= L.out) break;
+          const __mmask16 mk = tail_mask(L.out - n);
+          const __m512 ws = _mm512_loadu_ps(L.scale.data() + n);
+          const __m512 bias = _mm512_loadu_ps(L.bias.data() + n);
+          for (int64_t i = 0; i < m_end; ++i) {
+            const __m512i raw = _mm512_load_si512(c + i * 32 + half * 16);
+            __m512 v = p == LinearPrecision::kInt8 ? _mm512_cvtepi32_ps(raw) : _mm512_castsi512_ps(raw);
+            v = _mm512_fmadd_ps(v, _mm512_mul_ps(ws, _mm512_set1_ps(act.scale.data()[m0 + i])), bias);
+            if (ep == Epilogue::kBiasGelu) v = gelu512(v);
+            _mm512_mask_storeu_ps(out + (m0 + i) * ldo + n, mk, v);
+          }
+        }
+      }
+    }
+  }
+#pragma omp barrier
+}
+
+// x[r] = LayerNorm(x[r] + add[r]) * gamma + beta, rows in parallel (add may be null).
+void add_layer_norm(float* x, const float* add, int64_t rows, int64_t n, const float* gamma, const float* beta, float eps) {
+#pragma omp for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    float* xr = x + r * n;
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 mk = tail_mask(n - j);
+      __m512 v = _mm512_maskz_loadu_ps(mk, xr + j);
+      if (add != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, add + r * n + j));
+      _mm512_mask_storeu_ps(xr + j, mk, v);
+      sum = _mm512_add_ps(sum, v);
+    }
+    const float mean = _mm512_reduce_add_ps(sum) / static_cast<float>(n);
+    const __m512 vm = _mm512_set1_ps(mean);
+    __m512 sq = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 mk = tail_mask(n - j);
+      const __m512 d = _mm512_maskz_sub_ps(mk, _mm512_maskz_loadu_ps(mk, xr + j), vm);
+      sq = _mm512_fmadd_ps(d, d, sq);
+    }
+    const float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(sq) / static_cast<float>(n) + eps);
+    const __m512 vi = _mm512_set1_ps(inv);
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 mk = tail_mask(n - j);
+      const __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, xr + j), vm), vi);
+      _mm512_mask_storeu_ps(xr + j, mk, _mm512_fmadd_ps(d, _mm512_maskz_loadu_ps(mk, gamma + j), _mm512_maskz_loadu_ps(mk, beta + j)));
+    }
+  }
+}
+
+// ---- attention (BF16 tiles, fp32 softmax) -----------------------------------------------------
+struct HeadScratch {
+  Buffer<uint16_t> q;   // [L16][dq]
+  Buffer<uint32_t> kt;  // [L16][dq/2] key rows as bf16 pairs (before the transpose)
+  Buffer<uint32_t> kp;  // [dq/2][L16]
+  Buffer<uint32_t> vp;  // [L32/2][dv]
+  Buffer<float> s;      // [16][L32]
+  Buffer<uint16_t> pr;  // [16][L32]
+  Buffer<float> o;      // [16][dv]
+};
+
+void size_scratch(HeadScratch& h, int64_t max_len, int64_t d) {
+  const int64_t L16 = round_up(max_len, 16), L32 = round_up(max_len, 32), dq = round_up(d, 32), dv = round_up(d, 16);
+  h.q.resize(L16 * dq);
+  h.kt.resize(L16 * dq / 2);
+  h.kp.resize(dq / 2 * L16);
+  h.vp.resize(L32 / 2 * dv);
+  h.s.resize(16 * L32);
+  h.pr.resize(16 * L32);
+  h.o.resize(16 * dv);
+}
+
+// ctx[t, head*d : head*d + d] for the L tokens from row0 of qkv [.., 3H] (Q | K | V columns).
+void attention_head(const float* qkv, int64_t H, int64_t row0, int64_t L, int64_t head, int64_t d, float* ctx, HeadScratch& hs) {
+  const int64_t L16 = round_up(L, 16), L32 = round_up(L, 32), dq = round_up(d, 32), dv = round_up(d, 16);
+  const int64_t ld = 3 * H;
+  const float* qcol = qkv + head * d;
+  const float* kcol = qkv + H + head * d;
+  const float* vcol = qkv + 2 * H + head * d;
+  uint16_t* q = hs.q.data();
+  uint32_t* kt = hs.kt.data();
+  uint32_t* kp = hs.kp.data();
+  uint32_t* vp = hs.vp.data();
+  std::memset(q, 0, sizeof(uint16_t) * L16 * dq);
+  std::memset(kt, 0, sizeof(uint32_t) * L16 * dq / 2);
+  std::memset(vp, 0, sizeof(uint32_t) * L32 / 2 * dv);
+  for (int64_t t = 0; t < L; ++t) {
+    row_to_bf16(qcol + (row0 + t) * ld, d, q + t * dq);
+    row_to_bf16(kcol + (row0 + t) * ld, d, reinterpret_cast<uint16_t*>(kt + t * (dq / 2)));
+  }
+  // kp[p][t] = kt[t][p]: the B operand of Q K^T (rows: pairs of head dims, columns: keys)
+  for (int64_t t = 0; t < L16; ++t)
+    for (int64_t p = 0; p < dq / 2; ++p) kp[p * L16 + t] = kt[t * (dq / 2) + p];
+  // vp[r][j] = (V[2r][j], V[2r+1][j]): the B operand of P V (rows: pairs of keys)
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                              23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int64_t r = 0; r < (L + 1) / 2; ++r) {
+    const float* v0 = vcol + (row0 + 2 * r) * ld;
+    const float* v1 = 2 * r + 1 < L ? vcol + (row0 + 2 * r + 1) * ld : nullptr;
+    for (int64_t j = 0; j < d; j += 16) {
+      const __mmask16 mk = tail_mask(d - j);
+      const __m256i a = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, v0 + j)));
+      const __m256i b = v1 ? reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, v1 + j))) : _mm256_setzero_si256();
+      const __m512i ab = _mm512_permutexvar_epi16(interleave, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
+      _mm512_mask_storeu_epi32(vp + r * dv + j, mk, ab);
+    }
+  }
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  float* s = hs.s.data();
+  uint16_t* pr = hs.pr.data();
+  float* o = hs.o.data();
+  for (int64_t q0 = 0; q0 < L; q0 += 16) {
+    for (int64_t k0 = 0; k0 < L16; k0 += 16) {
+      _tile_zero(0);
+      for (int64_t ks = 0; ks < dq / 32; ++ks) {
+        _tile_loadd(4, q + q0 * dq + ks * 32, dq * 2);
+        _tile_loadd(6, kp + (ks * 16) * L16 + k0, L16 * 4);
+        _tile_dpbf16ps(0, 4, 6);
+      }
+      _tile_stored(0, s + k0, L32 * 4);
+    }
+    const int64_t rows = std::min<int64_t>(16, L - q0);
+    for (int64_t i = 0; i < rows; ++i) {
+      float* si = s + i * L32;
+      const __m512 mx = _mm512_set1_ps(reduce_max_row(si, L));
+      const __m512 sc = _mm512_set1_ps(scale);
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < L; j += 16) {
+        const __mmask16 mk = tail_mask(L - j);
+        const __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, si + j), mx), sc)));
+        _mm512_mask_storeu_ps(si + j, mk, e);
+        sum = _mm512_add_ps(sum, e);
+      }
+      const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+      uint16_t* pi = pr + i * L32;
+      for (int64_t j = 0; j < L32; j += 16) {
+        const __mmask16 mk = j < L ? tail_mask(L - j) : static_cast<__mmask16>(0);
+        const __m512 v = _mm512_maskz_mul_ps(mk, _mm512_maskz_loadu_ps(mk, si + j), inv);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pi + j), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+      }
+    }
+    for (int64_t i = rows; i < 16; ++i) std::memset(pr + i * L32, 0, sizeof(uint16_t) * L32);
+    for (int64_t j0 = 0; j0 < dv; j0 += 16) {
+      _tile_zero(0);
+      for (int64_t ks = 0; ks < L32 / 32; ++ks) {
+        _tile_loadd(4, pr + ks * 32, L32 * 2);
+        _tile_loadd(6, vp + (ks * 16) * dv + j0, dv * 4);
+        _tile_dpbf16ps(0, 4, 6);
+      }
+      _tile_stored(0, o + j0, dv * 4);
+    }
+    for (int64_t i = 0; i < rows; ++i) std::memcpy(ctx + (row0 + q0 + i) * H + head * d, o + i * dv, sizeof(float) * d);
+  }
+}
+
+}  // namespace
+
+// ---- the encoder ------------------------------------------------------------------------------
+struct Encoder::Impl {
+  EncoderConfig cfg;
+  LinearPrecision precision = LinearPrecision::kInt8;
+  int threads = 1;
+  std::vector<float> word, position, token_type, emb_gamma, emb_beta;
+  bool project = false;
+  Linear emb_project;
+  struct Layer {
+    Linear qkv, attn_out, ffn_in, ffn_out;
+    std::vector<float> attn_gamma, attn_beta, ffn_gamma, ffn_beta;
+  };
+  std::vector<Layer> layers;
+  std::vector<float> qa_w, qa_b;
+};
+
+namespace {
+
+const TensorView& need(const WeightMap& w, const std::string& name, std::vector<int64_t> shape) {
+  auto it = w.find(name);
+  if (it == w.end()) throw std::invalid_argument("native encoder: weight '" + name + "' is missing");
+  if (it->second.shape != shape) {
+    std::string got, want;
+    for (auto s : it->second.shape) got += std::to_string(s) + ",";
+    for (auto s : shape) want += std::to_string(s) + ",";
+    throw std::invalid_argument("native encoder: weight '" + name + "' has shape (" + got + ") but the config says (" + want + ")");
+  }
+  if (it->second.data == nullptr) throw std::invalid_argument("native encoder: weight '" + name + "' has no data");
+  return it->second;
+}
+
+std::vector<float> copy_of(const TensorView& t) {
+  size_t n = 1;
+  for (auto s : t.shape) n *= static_cast<size_t>(s);
+  return std::vector<float>(t.data, t.data + n);
+}
+
+Linear linear_of(const WeightMap& w, const std::string& name, int64_t out, int64_t in, LinearPrecision p) {
+  const TensorView& weight = need(w, name + ".weight", {out, in});
+  const TensorView& bias = need(w, name + ".bias", {out});
+  return pack_linear(weight.data, bias.data, out, in, p);
+}
+
+}  // namespace
+
+Encoder::Encoder(const EncoderConfig& c, const WeightMap& w, LinearPrecision precision, int threads)
+    : impl_(std::make_unique<Impl>()) {
+  if (c.hidden <= 0 || c.layers <= 0 || c.heads <= 0 || c.intermediate <= 0 || c.vocab_size <= 0 || c.max_positions <= 0 ||
+      c.embedding_size <= 0 || c.type_vocab_size < 0 || c.position_offset < 0 || c.hidden % c.heads != 0 || !(c.layer_norm_eps > 0.0f)) {
+    throw std::invalid_argument("native encoder: invalid config (sizes must be positive and hidden a multiple of heads)");
+  }
+  if (threads < 1) throw std::invalid_argument("native encoder: threads must be >= 1");
+  Impl& m = *impl_;
+  m.cfg = c;
+  m.precision = precision;
+  m.threads = threads;
+  const int64_t E = c.embedding_size, H = c.hidden, I = c.intermediate;
+  m.word = copy_of(need(w, "embeddings.word", {c.vocab_size, E}));
+  m.position = copy_of(need(w, "embeddings.position", {c.max_positions, E}));
+  if (c.type_vocab_size > 0) m.token_type = copy_of(need(w, "embeddings.token_type", {c.type_vocab_size, E}));
+  m.emb_gamma = copy_of(need(w, "embeddings.norm.weight", {E}));
+  m.emb_beta = copy_of(need(w, "embeddings.norm.bias", {E}));
+  m.project = E != H;
+  if (m.project) m.emb_project = linear_of(w, "embeddings.project", H, E, precision);
+  for (int64_t i = 0; i < c.layers; ++i) {
+    const std::string p = "layers." + std::to_string(i) + ".";
+    Impl::Layer layer;
+    layer.qkv = linear_of(w, p + "qkv", 3 * H, H, precision);
+    layer.attn_out = linear_of(w, p + "attn_out", H, H, precision);
+    layer.ffn_in = linear_of(w, p + "ffn_in", I, H, precision);
+    layer.ffn_out = linear_of(w, p + "ffn_out", H, I, precision);
+    layer.attn_gamma = copy_of(need(w, p + "attn_norm.weight", {H}));
+    layer.attn_beta = copy_of(need(w, p + "attn_norm.bias", {H}));
+    layer.ffn_gamma = copy_of(need(w, p + "ffn_norm.weight", {H}));
+    layer.ffn_beta = copy_of(need(w, p + "ffn_norm.bias", {H}));
+    m.layers.push_back(std::move(layer));
+  }
+  m.qa_w = copy_of(need(w, "qa.weight", {2, H}));
+  m.qa_b = copy_of(need(w, "qa.bias", {2}));
+}
+
+Encoder::~Encoder() = default;
+const EncoderConfig& Encoder::config() const { return impl_->cfg; }
+LinearPrecision Encoder::precision() const { return impl_->precision; }
+int Encoder::threads() const { return impl_->threads; }
+
+void Encoder::forward(const int64_t* ids, const int64_t* mask, const int64_t* types, int64_t batch, int64_t seq, float* start,
+                      float* end) const {
+  const Impl& m = *impl_;
+  const EncoderConfig& c = m.cfg;
+  // Windows packed token after token: lengths from the masks (ones, then zeros).
+  std::vector<int64_t> length(batch), offset(batch + 1, 0);
+  int64_t longest = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    int64_t L = 0;
+    while (L < seq && mask[b * seq + L] != 0) ++L;
+    for (int64_t t = L; t < seq; ++t) {
+      if (mask[b * seq + t] != 0) {
+        throw std::invalid_argument("native encoder: attention_mask row " + std::to_string(b) +
+                                    " is not ones followed by zeros (padding must be on the right)");
+      }
+    }
+    if (L + c.position_offset > c.max_positions) {
+      throw std::invalid_argument("native encoder: window " + std::to_string(b) + " has " + std::to_string(L) +
+                                  " tokens, more than the model's " + std::to_string(c.max_positions - c.position_offset) + " positions");
+    }
+    for (int64_t t = 0; t < L; ++t) {
+      const int64_t id = ids[b * seq + t];
+      if (id < 0 || id >= c.vocab_size) {
+        throw std::invalid_argument("native encoder: token id " + std::to_string(id) + " is outside the vocabulary (size " +
+                                    std::to_string(c.vocab_size) + ")");
+      }
+      if (c.type_vocab_size > 0 && types != nullptr && (types[b * seq + t] < 0 || types[b * seq + t] >= c.type_vocab_size)) {
+        throw std::invalid_argument("native encoder: token type " + std::to_string(types[b * seq + t]) + " is outside [0, " +
+                                    std::to_string(c.type_vocab_size) + ")");
+      }
+    }
+    length[b] = L;
+    offset[b + 1] = offset[b] + L;
+    longest = std::max(longest, L);
+  }
+  for (int64_t i = 0; i < batch * seq; ++i) start[i] = end[i] = kMaskedLogit;
+  const int64_t M = offset[batch];
+  if (M == 0) return;
+
+  std::lock_guard<std::mutex> lock(mutex_);
+  const int64_t E = c.embedding_size, H = c.hidden, I = c.intermediate, d = H / c.heads;
+  const int64_t m_pad = round_up(M, 32);
+  const LinearPrecision p = m.precision;
+  const int64_t ks = k_step(p);
+  const int64_t k_max = round_up(std::max({E, H, I}), ks);
+  Activations act;
+  act.k_pad = 0;
+  if (p == LinearPrecision::kInt8) act.a8.resize(m_pad * k_max); else act.a16.resize(m_pad * k_max);
+  act.scale.resize(m_pad);
+  Buffer<float> hidden(M * H), emb(m.project ? M * E : 0), qkv(M * 3 * H), ctx(M * H), tmp(M * H), inter(M * I);
+  std::vector<int64_t> row_window(M), row_pos(M);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t t = 0; t < length[b]; ++t) {
+      row_window[offset[b] + t] = b;
+      row_pos[offset[b] + t] = t;
+    }
+  std::vector<std::pair<int64_t, int64_t>> heads;  // (window, head), longest windows first
+  for (int64_t b = 0; b < batch; ++b)
+    if (length[b] > 0)
+      for (int64_t h = 0; h < c.heads; ++h) heads.emplace_back(b, h);
+  std::stable_sort(heads.begin(), heads.end(), [&](auto& x, auto& y) { return length[x.first] > length[y.first]; });
+  const int nthreads = m.threads;
+  std::vector<HeadScratch> scratch(nthreads);
+  for (auto& s : scratch) size_scratch(s, longest, d);
+
+  // Set the activation buffer's row stride for a GEMM input of `n` columns (zero-padded to ks):
+  // every stride uses the same buffer, re-zeroed where the previous stride left data.
+  auto set_stride = [&](int64_t n) {
+    const int64_t kp = round_up(n, ks);
+    if (kp != act.k_pad) {
+      if (p == LinearPrecision::kInt8) std::memset(act.a8.data(), 0, act.a8.size());
+      else std::memset(act.a16.data(), 0, act.a16.size() * 2);
+      act.k_pad = kp;
+    }
+  };
+
+#pragma omp parallel num_threads(nthreads)
+  {
+    configure_tiles();
+    float* x = m.project ? emb.data() : hidden.data();
+    // embeddings: word + position + token type, LayerNorm (over E)
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < M; ++r) {
+      const int64_t b = row_window[r], t = row_pos[r];
+      const float* wv = m.word.data() + ids[b * seq + t] * E;
+      const float* pv = m.position.data() + (t + c.position_offset) * E;
+      const float* tv = c.type_vocab_size > 0 ? m.token_type.data() + (types != nullptr ? types[b * seq + t] : 0) * E : nullptr;
+      float* xr = x + r * E;
+      for (int64_t j = 0; j < E; ++j) xr[j] = wv[j] + pv[j] + (tv ? tv[j] : 0.0f);
+    }
+    add_layer_norm(x, nullptr, M, E, m.emb_gamma.data(), m.emb_beta.data(), c.layer_norm_eps);
+    if (m.project) {
+#pragma omp single
+      set_stride(E);
+      quantize_rows(emb.data(), E, M, E, p, act);
+      gemm(m.emb_project, act, M, p, Epilogue::kBias, hidden.data(), H);
+    }
+    for (const Impl::Layer& layer : m.layers) {
+#pragma omp single
+      set_stride(H);
+      quantize_rows(hidden.data(), H, M, H, p, act);
+      gemm(layer.qkv, act, M, p, Epilogue::kBias, qkv.data(), 3 * H);
+#pragma omp for schedule(dynamic, 1)
+      for (size_t w = 0; w < heads.size(); ++w) {
+        const int64_t b = heads[w].first;
+        attention_head(qkv.data(), H, offset[b], length[b], heads[w].second, d, ctx.data(), scratch[omp_get_thread_num()]);
+      }
+      quantize_rows(ctx.data(), H, M, H, p, act);
+      gemm(layer.attn_out, act, M, p, Epilogue::kBias, tmp.data(), H);
+      add_layer_norm(hidden.data(), tmp.data(), M, H, layer.attn_gamma.data(), layer.attn_beta.data(), c.layer_norm_eps);
+      quantize_rows(hidden.data(), H, M, H, p, act);
+      gemm(layer.ffn_in, act, M, p, Epilogue::kBiasGelu, inter.data(), I);
+#pragma omp single
+      set_stride(I);
+      quantize_rows(inter.data(), I, M, I, p, act);
+      gemm(layer.ffn_out, act, M, p, Epilogue::kBias, tmp.data(), H);
+      add_layer_norm(hidden.data(), tmp.data(), M, H, layer.ffn_gamma.data(), layer.ffn_beta.data(), c.layer_norm_eps);
+    }
+    // span head: start/end logits
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < M; ++r) {
+      const float* xr = hidden.data() + r * H;
+      __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+      for (int64_t j = 0; j < H; j += 16) {
+        const __mmask16 mk = tail_mask(H - j);
+        const __m512 v = _mm512_maskz_loadu_ps(mk, xr + j);
+        s0 = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(mk, m.qa_w.data() + j), s0);
+        s1 = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(mk, m.qa_w.data() + H + j), s1);
+      }
+      const int64_t at = row_window[r] * seq + row_pos[r];
+      start[at] = _mm512_reduce_add_ps(s0) + m.qa_b[0];
+      end[at] = _mm512_reduce_add_ps(s1) + m.qa_b[1];
+    }
+    _tile_release();
+  }
+}
+
+}  // namespace spanrt
