@@ -100,7 +100,10 @@ inline __m512 gelu512(__m512 x) {
   // 0.5 x (1 + erf(x / sqrt 2)), erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7)
   const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
   const __m512 az = _mm512_abs_ps(z);
-  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(az, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
+  // t = 1 / (1 + p |z|): rcp14 and one Newton step (rel. error ~1e-8; a vdivps costs ~16 cycles)
+  const __m512 den = _mm512_fmadd_ps(az, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f));
+  __m512 t = _mm512_rcp14_ps(den);
+  t = _mm512_mul_ps(t, _mm512_fnmadd_ps(den, t, _mm512_set1_ps(2.0f)));
   __m512 p = _mm512_set1_ps(1.061405429f);
   p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
   p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
@@ -195,40 +198,43 @@ Linear pack_linear(const float* w, const float* b, int64_t out, int64_t in, Line
 }
 
 // Activations of one GEMM's input: [m_pad, k_pad] int8 (+ a scale per row) or bf16.
+// The row stride is the consuming layer's k_pad (GEMM inputs of different widths share the buffer).
 struct Activations {
   Buffer<int8_t> a8;
   Buffer<uint16_t> a16;
   Buffer<float> scale;
-  int64_t k_pad = 0;
 };
 
-// Row r of x [.., n] (stride ld) into the activations (orphaned omp for over rows).
-void quantize_rows(const float* x, int64_t ld, int64_t rows, int64_t n, LinearPrecision p, Activations& act) {
+// One row (n floats) into row r of the activations; columns n..k_pad are written as zeros, so
+// the buffer needs no clearing between GEMMs of different widths.
+void quantize_row(const float* xr, int64_t n, LinearPrecision p, Activations& act, int64_t r, int64_t k_pad) {
   if (p == LinearPrecision::kInt8) {
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* xr = x + r * ld;
-      __m512 amax = _mm512_setzero_ps();
-      for (int64_t j = 0; j < n; j += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask(n - j), xr + j)));
-      const float m = _mm512_reduce_max_ps(amax);
-      const float s = m > 0.0f ? m / 127.0f : 1.0f;
-      act.scale.data()[r] = s;
-      const __m512 inv = _mm512_set1_ps(1.0f / s);
-      int8_t* out = act.a8.data() + r * act.k_pad;
-      for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 mk = tail_mask(n - j);
-        const __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xr + j), inv),
-                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        _mm_mask_storeu_epi8(out + j, mk, _mm512_cvtsepi32_epi8(q));
-      }
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask(n - j), xr + j)));
+    const float m = _mm512_reduce_max_ps(amax);
+    const float s = m > 0.0f ? m / 127.0f : 1.0f;
+    act.scale.data()[r] = s;
+    const __m512 inv = _mm512_set1_ps(1.0f / s);
+    int8_t* out = act.a8.data() + r * k_pad;
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 mk = tail_mask(n - j);
+      const __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xr + j), inv),
+                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm_mask_storeu_epi8(out + j, mk, _mm512_cvtsepi32_epi8(q));
     }
+    if (k_pad > n) std::memset(out + n, 0, static_cast<size_t>(k_pad - n));
   } else {
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      act.scale.data()[r] = 1.0f;
-      row_to_bf16(x + r * ld, n, act.a16.data() + r * act.k_pad);
-    }
+    act.scale.data()[r] = 1.0f;
+    uint16_t* out = act.a16.data() + r * k_pad;
+    row_to_bf16(xr, n, out);
+    if (k_pad > n) std::memset(out + n, 0, sizeof(uint16_t) * static_cast<size_t>(k_pad - n));
   }
+}
+
+// Rows of x [rows, L.in] as the input of layer L (orphaned omp for over rows).
+void quantize_rows(const float* x, int64_t rows, const Linear& L, LinearPrecision p, Activations& act) {
+#pragma omp for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) quantize_row(x + r * L.in, L.in, p, act, r, L.k_pad);
 }
 
 enum class Epilogue { kBias, kBiasGelu };
@@ -254,7 +260,7 @@ void gemm(const Linear& L, const Activations& act, int64_t rows, LinearPrecision
         _tile_zero(2);
         _tile_zero(3);
         if (p == LinearPrecision::kInt8) {
-          const int64_t kbs = L.k_pad / 64, lda = act.k_pad;
+          const int64_t kbs = L.k_pad / 64, lda = L.k_pad;
           const int8_t* a = act.a8.data() + m0 * lda;
           const int8_t* b0 = L.w8.data() + (2 * nb) * kbs * 1024;
           const int8_t* b1 = b0 + kbs * 1024;
@@ -269,7 +275,7 @@ void gemm(const Linear& L, const Activations& act, int64_t rows, LinearPrecision
             _tile_dpbssd(3, 5, 7);
           }
         } else {
-          const int64_t kbs = L.k_pad / 32, lda = act.k_pad * 2;
+          const int64_t kbs = L.k_pad / 32, lda = L.k_pad * 2;
           const char* a = reinterpret_cast<const char*>(act.a16.data()) + m0 * lda;
           const char* b0 = reinterpret_cast<const char*>(L.w16.data()) + (2 * nb) * kbs * 1024;
           const char* b1 = b0 + kbs * 1024;
@@ -309,8 +315,10 @@ void gemm(const Linear& L, const Activations& act, int64_t rows, LinearPrecision
 #pragma omp barrier
 }
 
-// x[r] = LayerNorm(x[r] + add[r]) * gamma + beta, rows in parallel (add may be null).
-void add_layer_norm(float* x, const float* add, int64_t rows, int64_t n, const float* gamma, const float* beta, float eps) {
+// x[r] = LayerNorm(x[r] + add[r]) * gamma + beta, rows in parallel (add may be null); with `act`,
+// each row is also quantized for the next GEMM while it is in cache.
+void add_layer_norm(float* x, const float* add, int64_t rows, int64_t n, const float* gamma, const float* beta, float eps,
+                    LinearPrecision p, Activations* act, int64_t k_pad) {
 #pragma omp for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     float* xr = x + r * n;
@@ -337,34 +345,39 @@ void add_layer_norm(float* x, const float* add, int64_t rows, int64_t n, const f
       const __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, xr + j), vm), vi);
       _mm512_mask_storeu_ps(xr + j, mk, _mm512_fmadd_ps(d, _mm512_maskz_loadu_ps(mk, gamma + j), _mm512_maskz_loadu_ps(mk, beta + j)));
     }
+    if (act != nullptr) quantize_row(xr, n, p, *act, r, k_pad);
   }
 }
 
 // ---- attention (BF16 tiles, fp32 softmax) -----------------------------------------------------
+// One window and one head at a time, 32 queries x 32 keys per tile step (C tiles 0-3, A 4-5,
+// B 6-7, as the GEMM). Probabilities are left unnormalised in bf16 (exp(s - max) <= 1) and each
+// output row is divided by its fp32 sum at the end.
 struct HeadScratch {
-  Buffer<uint16_t> q;   // [L16][dq]
-  Buffer<uint32_t> kt;  // [L16][dq/2] key rows as bf16 pairs (before the transpose)
-  Buffer<uint32_t> kp;  // [dq/2][L16]
-  Buffer<uint32_t> vp;  // [L32/2][dv]
-  Buffer<float> s;      // [16][L32]
-  Buffer<uint16_t> pr;  // [16][L32]
-  Buffer<float> o;      // [16][dv]
+  Buffer<uint16_t> q;   // [L32][dq] queries, bf16
+  Buffer<uint32_t> kt;  // [L32][dq/2] keys as bf16 pairs (before the transpose)
+  Buffer<uint32_t> kp;  // [dq/2][L32] the B operand of Q K^T
+  Buffer<uint32_t> vp;  // [L32/2][dv] the B operand of P V: pairs of keys
+  Buffer<float> s;      // [32][L32] scores
+  Buffer<uint16_t> pr;  // [32][L32] exp(score - max), bf16
+  Buffer<float> o;      // [32][dv]
 };
 
 void size_scratch(HeadScratch& h, int64_t max_len, int64_t d) {
-  const int64_t L16 = round_up(max_len, 16), L32 = round_up(max_len, 32), dq = round_up(d, 32), dv = round_up(d, 16);
-  h.q.resize(L16 * dq);
-  h.kt.resize(L16 * dq / 2);
-  h.kp.resize(dq / 2 * L16);
-  h.vp.resize(L32 / 2 * dv);
-  h.s.resize(16 * L32);
-  h.pr.resize(16 * L32);
-  h.o.resize(16 * dv);
+  const int64_t L32 = round_up(max_len, 32), dq = round_up(d, 32);
+  if (h.s.size() >= static_cast<size_t>(32 * L32) && h.o.size() >= static_cast<size_t>(32 * dq)) return;
+  h.q.resize(L32 * dq);
+  h.kt.resize(L32 * dq / 2);
+  h.kp.resize(dq / 2 * L32);
+  h.vp.resize(L32 / 2 * dq);
+  h.s.resize(32 * L32);
+  h.pr.resize(32 * L32);
+  h.o.resize(32 * dq);
 }
 
 // ctx[t, head*d : head*d + d] for the L tokens from row0 of qkv [.., 3H] (Q | K | V columns).
 void attention_head(const float* qkv, int64_t H, int64_t row0, int64_t L, int64_t head, int64_t d, float* ctx, HeadScratch& hs) {
-  const int64_t L16 = round_up(L, 16), L32 = round_up(L, 32), dq = round_up(d, 32), dv = round_up(d, 16);
+  const int64_t L32 = round_up(L, 32), dq = round_up(d, 32), dv = dq;
   const int64_t ld = 3 * H;
   const float* qcol = qkv + head * d;
   const float* kcol = qkv + H + head * d;
@@ -373,17 +386,17 @@ void attention_head(const float* qkv, int64_t H, int64_t row0, int64_t L, int64_
   uint32_t* kt = hs.kt.data();
   uint32_t* kp = hs.kp.data();
   uint32_t* vp = hs.vp.data();
-  std::memset(q, 0, sizeof(uint16_t) * L16 * dq);
-  std::memset(kt, 0, sizeof(uint32_t) * L16 * dq / 2);
+  std::memset(q, 0, sizeof(uint16_t) * L32 * dq);
+  std::memset(kt, 0, sizeof(uint32_t) * L32 * dq / 2);
   std::memset(vp, 0, sizeof(uint32_t) * L32 / 2 * dv);
   for (int64_t t = 0; t < L; ++t) {
     row_to_bf16(qcol + (row0 + t) * ld, d, q + t * dq);
     row_to_bf16(kcol + (row0 + t) * ld, d, reinterpret_cast<uint16_t*>(kt + t * (dq / 2)));
   }
-  // kp[p][t] = kt[t][p]: the B operand of Q K^T (rows: pairs of head dims, columns: keys)
-  for (int64_t t = 0; t < L16; ++t)
-    for (int64_t p = 0; p < dq / 2; ++p) kp[p * L16 + t] = kt[t * (dq / 2) + p];
-  // vp[r][j] = (V[2r][j], V[2r+1][j]): the B operand of P V (rows: pairs of keys)
+  // kp[p][t] = kt[t][p] (rows: pairs of head dims, columns: keys)
+  for (int64_t t = 0; t < L32; ++t)
+    for (int64_t p = 0; p < dq / 2; ++p) kp[p * L32 + t] = kt[t * (dq / 2) + p];
+  // vp[r][j] = (V[2r][j], V[2r+1][j])
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                               23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   for (int64_t r = 0; r < (L + 1) / 2; ++r) {
@@ -397,51 +410,75 @@ void attention_head(const float* qkv, int64_t H, int64_t row0, int64_t L, int64_
       _mm512_mask_storeu_epi32(vp + r * dv + j, mk, ab);
     }
   }
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const __m512 sc = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(d)));
   float* s = hs.s.data();
   uint16_t* pr = hs.pr.data();
   float* o = hs.o.data();
-  for (int64_t q0 = 0; q0 < L; q0 += 16) {
-    for (int64_t k0 = 0; k0 < L16; k0 += 16) {
+  float inv_sum[32];
+  for (int64_t q0 = 0; q0 < L; q0 += 32) {
+    for (int64_t k0 = 0; k0 < L32; k0 += 32) {
       _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
       for (int64_t ks = 0; ks < dq / 32; ++ks) {
         _tile_loadd(4, q + q0 * dq + ks * 32, dq * 2);
-        _tile_loadd(6, kp + (ks * 16) * L16 + k0, L16 * 4);
+        _tile_loadd(5, q + (q0 + 16) * dq + ks * 32, dq * 2);
+        _tile_loadd(6, kp + (ks * 16) * L32 + k0, L32 * 4);
+        _tile_loadd(7, kp + (ks * 16) * L32 + k0 + 16, L32 * 4);
         _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
       }
       _tile_stored(0, s + k0, L32 * 4);
+      _tile_stored(1, s + k0 + 16, L32 * 4);
+      _tile_stored(2, s + 16 * L32 + k0, L32 * 4);
+      _tile_stored(3, s + 16 * L32 + k0 + 16, L32 * 4);
     }
-    const int64_t rows = std::min<int64_t>(16, L - q0);
+    const int64_t rows = std::min<int64_t>(32, L - q0);
     for (int64_t i = 0; i < rows; ++i) {
-      float* si = s + i * L32;
-      const __m512 mx = _mm512_set1_ps(reduce_max_row(si, L));
-      const __m512 sc = _mm512_set1_ps(scale);
-      __m512 sum = _mm512_setzero_ps();
-      for (int64_t j = 0; j < L; j += 16) {
-        const __mmask16 mk = tail_mask(L - j);
-        const __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, si + j), mx), sc)));
-        _mm512_mask_storeu_ps(si + j, mk, e);
-        sum = _mm512_add_ps(sum, e);
-      }
-      const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+      const float* si = s + i * L32;
       uint16_t* pi = pr + i * L32;
+      const __m512 mx = _mm512_set1_ps(reduce_max_row(si, L));
+      __m512 sum = _mm512_setzero_ps();
       for (int64_t j = 0; j < L32; j += 16) {
         const __mmask16 mk = j < L ? tail_mask(L - j) : static_cast<__mmask16>(0);
-        const __m512 v = _mm512_maskz_mul_ps(mk, _mm512_maskz_loadu_ps(mk, si + j), inv);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pi + j), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+        const __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, si + j), mx), sc)));
+        sum = _mm512_add_ps(sum, e);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pi + j), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
       }
+      inv_sum[i] = 1.0f / _mm512_reduce_add_ps(sum);
     }
-    for (int64_t i = rows; i < 16; ++i) std::memset(pr + i * L32, 0, sizeof(uint16_t) * L32);
-    for (int64_t j0 = 0; j0 < dv; j0 += 16) {
+    // rows past the window keep the previous block's (finite) probabilities: their outputs are not used
+    for (int64_t j0 = 0; j0 < dv; j0 += 32) {
       _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
       for (int64_t ks = 0; ks < L32 / 32; ++ks) {
         _tile_loadd(4, pr + ks * 32, L32 * 2);
+        _tile_loadd(5, pr + 16 * L32 + ks * 32, L32 * 2);
         _tile_loadd(6, vp + (ks * 16) * dv + j0, dv * 4);
+        _tile_loadd(7, vp + (ks * 16) * dv + j0 + 16, dv * 4);
         _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
       }
       _tile_stored(0, o + j0, dv * 4);
+      _tile_stored(1, o + j0 + 16, dv * 4);
+      _tile_stored(2, o + 16 * dv + j0, dv * 4);
+      _tile_stored(3, o + 16 * dv + j0 + 16, dv * 4);
     }
-    for (int64_t i = 0; i < rows; ++i) std::memcpy(ctx + (row0 + q0 + i) * H + head * d, o + i * dv, sizeof(float) * d);
+    for (int64_t i = 0; i < rows; ++i) {
+      const __m512 inv = _mm512_set1_ps(inv_sum[i]);
+      float* out = ctx + (row0 + q0 + i) * H + head * d;
+      for (int64_t j = 0; j < d; j += 16) {
+        const __mmask16 mk = tail_mask(d - j);
+        _mm512_mask_storeu_ps(out + j, mk, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, o + i * dv + j), inv));
+      }
+    }
   }
 }
 
@@ -461,7 +498,22 @@ struct Encoder::Impl {
   };
   std::vector<Layer> layers;
   std::vector<float> qa_w, qa_b;
+  // Buffers of the last call, grown when a call needs more (calls are serialised by the mutex).
+  struct Workspace {
+    Activations act;
+    Buffer<float> hidden, emb, qkv, ctx, tmp, inter;
+    std::vector<HeadScratch> heads;
+  };
+  mutable Workspace ws;
 };
+
+namespace {
+template <class T>
+T* ensure(Buffer<T>& b, int64_t count) {
+  if (b.size() < static_cast<size_t>(count)) b.resize(static_cast<size_t>(count));
+  return b.data();
+}
+}  // namespace
 
 namespace {
 
@@ -578,11 +630,16 @@ void Encoder::forward(const int64_t* ids, const int64_t* mask, const int64_t* ty
   const LinearPrecision p = m.precision;
   const int64_t ks = k_step(p);
   const int64_t k_max = round_up(std::max({E, H, I}), ks);
-  Activations act;
-  act.k_pad = 0;
-  if (p == LinearPrecision::kInt8) act.a8.resize(m_pad * k_max); else act.a16.resize(m_pad * k_max);
-  act.scale.resize(m_pad);
-  Buffer<float> hidden(M * H), emb(m.project ? M * E : 0), qkv(M * 3 * H), ctx(M * H), tmp(M * H), inter(M * I);
+  Impl::Workspace& w = m.ws;
+  Activations& act = w.act;
+  if (p == LinearPrecision::kInt8) ensure(act.a8, m_pad * k_max); else ensure(act.a16, m_pad * k_max);
+  ensure(act.scale, m_pad);
+  float* hidden = ensure(w.hidden, M * H);
+  float* emb = m.project ? ensure(w.emb, M * E) : nullptr;
+  float* qkv = ensure(w.qkv, M * 3 * H);
+  float* ctx = ensure(w.ctx, M * H);
+  float* tmp = ensure(w.tmp, M * H);
+  float* inter = ensure(w.inter, M * I);
   std::vector<int64_t> row_window(M), row_pos(M);
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t t = 0; t < length[b]; ++t) {
@@ -595,24 +652,14 @@ void Encoder::forward(const int64_t* ids, const int64_t* mask, const int64_t* ty
       for (int64_t h = 0; h < c.heads; ++h) heads.emplace_back(b, h);
   std::stable_sort(heads.begin(), heads.end(), [&](auto& x, auto& y) { return length[x.first] > length[y.first]; });
   const int nthreads = m.threads;
-  std::vector<HeadScratch> scratch(nthreads);
-  for (auto& s : scratch) size_scratch(s, longest, d);
-
-  // Set the activation buffer's row stride for a GEMM input of `n` columns (zero-padded to ks):
-  // every stride uses the same buffer, re-zeroed where the previous stride left data.
-  auto set_stride = [&](int64_t n) {
-    const int64_t kp = round_up(n, ks);
-    if (kp != act.k_pad) {
-      if (p == LinearPrecision::kInt8) std::memset(act.a8.data(), 0, act.a8.size());
-      else std::memset(act.a16.data(), 0, act.a16.size() * 2);
-      act.k_pad = kp;
-    }
-  };
+  if (w.heads.size() < static_cast<size_t>(nthreads)) w.heads.resize(nthreads);
+  for (auto& s : w.heads) size_scratch(s, longest, d);
+  const Linear& first = m.layers.front().qkv;  // the layer every LayerNorm output feeds (width H)
 
 #pragma omp parallel num_threads(nthreads)
   {
     configure_tiles();
-    float* x = m.project ? emb.data() : hidden.data();
+    float* x = m.project ? emb : hidden;
     // embeddings: word + position + token type, LayerNorm (over E)
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < M; ++r) {
@@ -623,38 +670,36 @@ void Encoder::forward(const int64_t* ids, const int64_t* mask, const int64_t* ty
       float* xr = x + r * E;
       for (int64_t j = 0; j < E; ++j) xr[j] = wv[j] + pv[j] + (tv ? tv[j] : 0.0f);
     }
-    add_layer_norm(x, nullptr, M, E, m.emb_gamma.data(), m.emb_beta.data(), c.layer_norm_eps);
     if (m.project) {
-#pragma omp single
-      set_stride(E);
-      quantize_rows(emb.data(), E, M, E, p, act);
-      gemm(m.emb_project, act, M, p, Epilogue::kBias, hidden.data(), H);
+      add_layer_norm(emb, nullptr, M, E, m.emb_gamma.data(), m.emb_beta.data(), c.layer_norm_eps, p, &act, m.emb_project.k_pad);
+      gemm(m.emb_project, act, M, p, Epilogue::kBias, hidden, H);
+      quantize_rows(hidden, M, first, p, act);
+    } else {
+      add_layer_norm(hidden, nullptr, M, E, m.emb_gamma.data(), m.emb_beta.data(), c.layer_norm_eps, p, &act, first.k_pad);
     }
-    for (const Impl::Layer& layer : m.layers) {
-#pragma omp single
-      set_stride(H);
-      quantize_rows(hidden.data(), H, M, H, p, act);
-      gemm(layer.qkv, act, M, p, Epilogue::kBias, qkv.data(), 3 * H);
+    for (size_t li = 0; li < m.layers.size(); ++li) {
+      const Impl::Layer& layer = m.layers[li];
+      const bool last = li + 1 == m.layers.size();
+      // act holds LayerNorm(hidden), quantized
+      gemm(layer.qkv, act, M, p, Epilogue::kBias, qkv, 3 * H);
 #pragma omp for schedule(dynamic, 1)
-      for (size_t w = 0; w < heads.size(); ++w) {
-        const int64_t b = heads[w].first;
-        attention_head(qkv.data(), H, offset[b], length[b], heads[w].second, d, ctx.data(), scratch[omp_get_thread_num()]);
+      for (size_t hw = 0; hw < heads.size(); ++hw) {
+        const int64_t b = heads[hw].first;
+        attention_head(qkv, H, offset[b], length[b], heads[hw].second, d, ctx, w.heads[omp_get_thread_num()]);
       }
-      quantize_rows(ctx.data(), H, M, H, p, act);
-      gemm(layer.attn_out, act, M, p, Epilogue::kBias, tmp.data(), H);
-      add_layer_norm(hidden.data(), tmp.data(), M, H, layer.attn_gamma.data(), layer.attn_beta.data(), c.layer_norm_eps);
-      quantize_rows(hidden.data(), H, M, H, p, act);
-      gemm(layer.ffn_in, act, M, p, Epilogue::kBiasGelu, inter.data(), I);
-#pragma omp single
-      set_stride(I);
-      quantize_rows(inter.data(), I, M, I, p, act);
-      gemm(layer.ffn_out, act, M, p, Epilogue::kBias, tmp.data(), H);
-      add_layer_norm(hidden.data(), tmp.data(), M, H, layer.ffn_gamma.data(), layer.ffn_beta.data(), c.layer_norm_eps);
+      quantize_rows(ctx, M, layer.attn_out, p, act);
+      gemm(layer.attn_out, act, M, p, Epilogue::kBias, tmp, H);
+      add_layer_norm(hidden, tmp, M, H, layer.attn_gamma.data(), layer.attn_beta.data(), c.layer_norm_eps, p, &act, layer.ffn_in.k_pad);
+      gemm(layer.ffn_in, act, M, p, Epilogue::kBiasGelu, inter, I);
+      quantize_rows(inter, M, layer.ffn_out, p, act);
+      gemm(layer.ffn_out, act, M, p, Epilogue::kBias, tmp, H);
+      add_layer_norm(hidden, tmp, M, H, layer.ffn_gamma.data(), layer.ffn_beta.data(), c.layer_norm_eps, p, last ? nullptr : &act,
+                     first.k_pad);
     }
     // span head: start/end logits
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < M; ++r) {
-      const float* xr = hidden.data() + r * H;
+      const float* xr = hidden + r * H;
       __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
       for (int64_t j = 0; j < H; j += 16) {
         const __mmask16 mk = tail_mask(H - j);
