@@ -9,9 +9,15 @@
 #include "spanrt/encoder.h"
 
 #include <immintrin.h>
-#include <omp.h>
+#include <pthread.h>
+#include <sched.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <thread>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -56,6 +62,102 @@ class Buffer {
  private:
   T* p_ = nullptr;
   size_t n_ = 0;
+};
+
+// ---- threads -----------------------------------------------------------------------------------
+// A fixed team of threads for one encoder (the caller is thread 0). Not OpenMP: GCC's libgomp
+// hangs in a child process that uses a team its parent had started (fork after a call, e.g.
+// gunicorn --preload or multiprocessing); this team is rebuilt when the process id changes.
+class Team {
+ public:
+  explicit Team(int n) : n_(n) {
+    for (int t = 1; t < n_; ++t) workers_.emplace_back([this, t] { work(t); });
+  }
+  Team(const Team&) = delete;
+  Team& operator=(const Team&) = delete;
+  ~Team() {
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      stop_.store(true, std::memory_order_relaxed);
+      epoch_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    for (auto& w : workers_) w.join();
+  }
+  int size() const { return n_; }
+
+  // body(thread) on every thread of the team; returns when all have finished.
+  void run(const std::function<void(int)>& body) {
+    body_ = &body;
+    done_.store(0, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      epoch_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    body(0);
+    for (int spins = 0; done_.load(std::memory_order_acquire) != n_ - 1; ++spins) relax(spins);
+    body_ = nullptr;
+  }
+
+  // Every thread of the team calls it; none returns before all have arrived.
+  void barrier() {
+    if (n_ == 1) return;
+    const uint64_t gen = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+    } else {
+      for (int spins = 0; generation_.load(std::memory_order_acquire) == gen; ++spins) relax(spins);
+    }
+  }
+
+  // Threads leave the parked state within ~a millisecond of spinning; longer waits yield the core.
+  static void relax(int spins) {
+    if (spins < 4096) _mm_pause(); else std::this_thread::yield();
+  }
+
+  // Leave this team's threads alone: in a forked child they do not exist (not joined, not freed).
+  static void abandon(std::unique_ptr<Team>& team) { (void)team.release(); }
+
+ private:
+  void work(int t) {
+    uint64_t seen = 0;
+    for (;;) {
+      for (int spins = 0; epoch_.load(std::memory_order_acquire) == seen; ++spins) {
+        if (spins < 20000) {
+          _mm_pause();
+        } else {
+          std::unique_lock<std::mutex> lock(m_);
+          cv_.wait(lock, [&] { return epoch_.load(std::memory_order_acquire) != seen; });
+        }
+      }
+      seen = epoch_.load(std::memory_order_acquire);
+      if (stop_.load(std::memory_order_relaxed)) return;
+      (*body_)(t);
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  int n_;
+  std::vector<std::thread> workers_;
+  std::mutex m_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> epoch_{0};
+  std::atomic<int> done_{0};
+  std::atomic<bool> stop_{false};
+  const std::function<void(int)>* body_ = nullptr;
+  std::atomic<int> arrived_{0};
+  std::atomic<uint64_t> generation_{0};
+};
+
+// One thread's view of the team inside Team::run: its share of a loop, and the barrier.
+struct Par {
+  int t;
+  int n;
+  Team* team;
+  std::pair<int64_t, int64_t> range(int64_t count) const { return {count * t / n, count * (t + 1) / n}; }
+  void barrier() const { team->barrier(); }
 };
 
 // ---- tiles ------------------------------------------------------------------------------------
@@ -231,24 +333,24 @@ void quantize_row(const float* xr, int64_t n, LinearPrecision p, Activations& ac
   }
 }
 
-// Rows of x [rows, L.in] as the input of layer L (orphaned omp for over rows).
-void quantize_rows(const float* x, int64_t rows, const Linear& L, LinearPrecision p, Activations& act) {
-#pragma omp for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) quantize_row(x + r * L.in, L.in, p, act, r, L.k_pad);
+// Rows of x [rows, L.in] as the input of layer L (this thread's share of the rows, then a barrier).
+void quantize_rows(const Par& par, const float* x, int64_t rows, const Linear& L, LinearPrecision p, Activations& act) {
+  const auto [lo, hi] = par.range(rows);
+  for (int64_t r = lo; r < hi; ++r) quantize_row(x + r * L.in, L.in, p, act, r, L.k_pad);
+  par.barrier();
 }
 
 enum class Epilogue { kBias, kBiasGelu };
 
 // out[m, n] = epilogue(sum_k A[m, k] W[n, k] * scales + bias[n]) for m < rows, n < L.out.
-// Called by every thread of the parallel region: thread t owns a fixed slice of the 32-column
+// Called by every thread of the team: thread t owns a fixed slice of the 32-column
 // blocks (its weights stay in its L2 cache) and walks the rows in chunks of 128 (the chunk's
 // activations stay in cache while all of the thread's columns pass over them); a barrier ends it.
 constexpr int64_t kRowChunk = 128;
 
-void gemm(const Linear& L, const Activations& act, int64_t rows, LinearPrecision p, Epilogue ep, float* out, int64_t ldo) {
-  const int64_t n_blocks = L.n_pad / 32;
-  const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-  const int64_t nb_lo = n_blocks * t / nt, nb_hi = n_blocks * (t + 1) / nt;
+void gemm(const Par& par, const Linear& L, const Activations& act, int64_t rows, LinearPrecision p, Epilogue ep, float* out,
+          int64_t ldo) {
+  const auto [nb_lo, nb_hi] = par.range(L.n_pad / 32);
   alignas(64) int32_t c[32 * 32];
   for (int64_t r0 = 0; r0 < rows; r0 += kRowChunk) {
     const int64_t r1 = std::min(rows, r0 + kRowChunk);
@@ -312,15 +414,15 @@ void gemm(const Linear& L, const Activations& act, int64_t rows, LinearPrecision
       }
     }
   }
-#pragma omp barrier
+  par.barrier();
 }
 
 // x[r] = LayerNorm(x[r] + add[r]) * gamma + beta, rows in parallel (add may be null); with `act`,
 // each row is also quantized for the next GEMM while it is in cache.
-void add_layer_norm(float* x, const float* add, int64_t rows, int64_t n, const float* gamma, const float* beta, float eps,
-                    LinearPrecision p, Activations* act, int64_t k_pad) {
-#pragma omp for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
+void add_layer_norm(const Par& par, float* x, const float* add, int64_t rows, int64_t n, const float* gamma, const float* beta,
+                    float eps, LinearPrecision p, Activations* act, int64_t k_pad) {
+  const auto [lo, hi] = par.range(rows);
+  for (int64_t r = lo; r < hi; ++r) {
     float* xr = x + r * n;
     __m512 sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j += 16) {
@@ -347,6 +449,7 @@ void add_layer_norm(float* x, const float* add, int64_t rows, int64_t n, const f
     }
     if (act != nullptr) quantize_row(xr, n, p, *act, r, k_pad);
   }
+  par.barrier();
 }
 
 // ---- attention (BF16 tiles, fp32 softmax) -----------------------------------------------------
@@ -505,6 +608,8 @@ struct Encoder::Impl {
     std::vector<HeadScratch> heads;
   };
   mutable Workspace ws;
+  mutable std::unique_ptr<Team> team;  // started on the first call, in the calling process
+  mutable pid_t team_pid = 0;
 };
 
 namespace {
@@ -580,7 +685,9 @@ Encoder::Encoder(const EncoderConfig& c, const WeightMap& w, LinearPrecision pre
   m.qa_b = copy_of(need(w, "qa.bias", {2}));
 }
 
-Encoder::~Encoder() = default;
+Encoder::~Encoder() {
+  if (impl_->team && impl_->team_pid != getpid()) Team::abandon(impl_->team);  // a forked child: not its threads
+}
 const EncoderConfig& Encoder::config() const { return impl_->cfg; }
 LinearPrecision Encoder::precision() const { return impl_->precision; }
 int Encoder::threads() const { return impl_->threads; }
@@ -655,50 +762,60 @@ void Encoder::forward(const int64_t* ids, const int64_t* mask, const int64_t* ty
   if (w.heads.size() < static_cast<size_t>(nthreads)) w.heads.resize(nthreads);
   for (auto& s : w.heads) size_scratch(s, longest, d);
   const Linear& first = m.layers.front().qkv;  // the layer every LayerNorm output feeds (width H)
+  if (m.team && m.team_pid != getpid()) Team::abandon(m.team);  // forked since the last call
+  if (!m.team) {
+    m.team = std::make_unique<Team>(nthreads);
+    m.team_pid = getpid();
+  }
+  std::vector<std::atomic<int64_t>> next_head(m.layers.size());  // the attention loops' shared counters
+  for (auto& a : next_head) a.store(0, std::memory_order_relaxed);
 
-#pragma omp parallel num_threads(nthreads)
-  {
+  m.team->run([&](int thread) {
+    const Par par{thread, nthreads, m.team.get()};
     configure_tiles();
     float* x = m.project ? emb : hidden;
     // embeddings: word + position + token type, LayerNorm (over E)
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < M; ++r) {
-      const int64_t b = row_window[r], t = row_pos[r];
-      const float* wv = m.word.data() + ids[b * seq + t] * E;
-      const float* pv = m.position.data() + (t + c.position_offset) * E;
-      const float* tv = c.type_vocab_size > 0 ? m.token_type.data() + (types != nullptr ? types[b * seq + t] : 0) * E : nullptr;
-      float* xr = x + r * E;
-      for (int64_t j = 0; j < E; ++j) xr[j] = wv[j] + pv[j] + (tv ? tv[j] : 0.0f);
-    }
+    {
+      const auto [lo, hi] = par.range(M);
+      for (int64_t r = lo; r < hi; ++r) {
+        const int64_t b = row_window[r], t = row_pos[r];
+        const float* wv = m.word.data() + ids[b * seq + t] * E;
+        const float* pv = m.position.data() + (t + c.position_offset) * E;
+        const float* tv = c.type_vocab_size > 0 ? m.token_type.data() + (types != nullptr ? types[b * seq + t] : 0) * E : nullptr;
+        float* xr = x + r * E;
+        for (int64_t j = 0; j < E; ++j) xr[j] = wv[j] + pv[j] + (tv ? tv[j] : 0.0f);
+      }
+    }  // each thread normalises the rows it wrote: no barrier needed before the LayerNorm
     if (m.project) {
-      add_layer_norm(emb, nullptr, M, E, m.emb_gamma.data(), m.emb_beta.data(), c.layer_norm_eps, p, &act, m.emb_project.k_pad);
-      gemm(m.emb_project, act, M, p, Epilogue::kBias, hidden, H);
-      quantize_rows(hidden, M, first, p, act);
+      add_layer_norm(par, emb, nullptr, M, E, m.emb_gamma.data(), m.emb_beta.data(), c.layer_norm_eps, p, &act, m.emb_project.k_pad);
+      gemm(par, m.emb_project, act, M, p, Epilogue::kBias, hidden, H);
+      quantize_rows(par, hidden, M, first, p, act);
     } else {
-      add_layer_norm(hidden, nullptr, M, E, m.emb_gamma.data(), m.emb_beta.data(), c.layer_norm_eps, p, &act, first.k_pad);
+      add_layer_norm(par, hidden, nullptr, M, E, m.emb_gamma.data(), m.emb_beta.data(), c.layer_norm_eps, p, &act, first.k_pad);
     }
     for (size_t li = 0; li < m.layers.size(); ++li) {
       const Impl::Layer& layer = m.layers[li];
       const bool last = li + 1 == m.layers.size();
       // act holds LayerNorm(hidden), quantized
-      gemm(layer.qkv, act, M, p, Epilogue::kBias, qkv, 3 * H);
-#pragma omp for schedule(dynamic, 1)
-      for (size_t hw = 0; hw < heads.size(); ++hw) {
+      gemm(par, layer.qkv, act, M, p, Epilogue::kBias, qkv, 3 * H);
+      for (int64_t hw; (hw = next_head[li].fetch_add(1, std::memory_order_relaxed)) < static_cast<int64_t>(heads.size());) {
         const int64_t b = heads[hw].first;
-        attention_head(qkv, H, offset[b], length[b], heads[hw].second, d, ctx, w.heads[omp_get_thread_num()]);
+        attention_head(qkv, H, offset[b], length[b], heads[hw].second, d, ctx, w.heads[thread]);
       }
-      quantize_rows(ctx, M, layer.attn_out, p, act);
-      gemm(layer.attn_out, act, M, p, Epilogue::kBias, tmp, H);
-      add_layer_norm(hidden, tmp, M, H, layer.attn_gamma.data(), layer.attn_beta.data(), c.layer_norm_eps, p, &act, layer.ffn_in.k_pad);
-      gemm(layer.ffn_in, act, M, p, Epilogue::kBiasGelu, inter, I);
-      quantize_rows(inter, M, layer.ffn_out, p, act);
-      gemm(layer.ffn_out, act, M, p, Epilogue::kBias, tmp, H);
-      add_layer_norm(hidden, tmp, M, H, layer.ffn_gamma.data(), layer.ffn_beta.data(), c.layer_norm_eps, p, last ? nullptr : &act,
-                     first.k_pad);
+      par.barrier();
+      quantize_rows(par, ctx, M, layer.attn_out, p, act);
+      gemm(par, layer.attn_out, act, M, p, Epilogue::kBias, tmp, H);
+      add_layer_norm(par, hidden, tmp, M, H, layer.attn_gamma.data(), layer.attn_beta.data(), c.layer_norm_eps, p, &act,
+                     layer.ffn_in.k_pad);
+      gemm(par, layer.ffn_in, act, M, p, Epilogue::kBiasGelu, inter, I);
+      quantize_rows(par, inter, M, layer.ffn_out, p, act);
+      gemm(par, layer.ffn_out, act, M, p, Epilogue::kBias, tmp, H);
+      add_layer_norm(par, hidden, tmp, M, H, layer.ffn_gamma.data(), layer.ffn_beta.data(), c.layer_norm_eps, p,
+                     last ? nullptr : &act, first.k_pad);
     }
     // span head: start/end logits
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < M; ++r) {
+    const auto [lo, hi] = par.range(M);
+    for (int64_t r = lo; r < hi; ++r) {
       const float* xr = hidden + r * H;
       __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
       for (int64_t j = 0; j < H; j += 16) {
@@ -712,7 +829,7 @@ void Encoder::forward(const int64_t* ids, const int64_t* mask, const int64_t* ty
       end[at] = _mm512_reduce_add_ps(s1) + m.qa_b[1];
     }
     _tile_release();
-  }
+  });
 }
 
 }  // namespace spanrt

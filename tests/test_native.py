@@ -256,3 +256,32 @@ def test_export_writes_and_checks_the_native_weights_and_the_engine_runs_them(tm
         assert (auto.backend, auto.precision) == ("native", "int8")
     with pytest.raises(BackendUnavailableError, match="runs int8 or bf16, not fp32"):
         Engine(path, backend="native", precision="fp32")
+
+
+@needs_amx
+def test_a_forked_child_can_use_an_encoder_its_parent_ran() -> None:
+    """gunicorn --preload and multiprocessing's fork: the parent has run the encoder (its threads
+    started), the child uses the same object. OpenMP's libgomp hangs here; the encoder's own team
+    is rebuilt in the child."""
+    import multiprocessing as mp
+
+    model, spec = _model("bert")
+    enc = _encoder(model, spec, "int8", threads=2)
+    feeds = _inputs("bert", [40, 25], 48)
+    expected = _run(enc, feeds)
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+
+    def child() -> None:
+        got = _run(enc, feeds)
+        queue.put(bool(np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])))
+
+    proc = ctx.Process(target=child)
+    proc.start()
+    proc.join(timeout=60)
+    hung = proc.is_alive()
+    if hung:
+        proc.kill()
+    assert not hung, "the forked child hung in the encoder"
+    assert proc.exitcode == 0 and queue.get(timeout=5) is True
+    assert np.array_equal(_run(enc, feeds)[0], expected[0])  # the parent's team still works

@@ -34,7 +34,7 @@ FORMAT = "native"  # the bundle artifact: float32 weights (.npz) + the encoder c
 PRECISIONS = ("int8", "bf16")
 CONFIG_KEYS = ("vocab_size", "max_positions", "type_vocab_size", "embedding_size", "hidden_size", "num_layers", "num_heads",
                "intermediate_size", "position_offset", "layer_norm_eps")
-BUILD_HINT = ("reinstall spanrt on an x86-64 machine with a compiler that has -mamx-int8 (GCC 11+, Clang 12+) and OpenMP "
+BUILD_HINT = ("reinstall spanrt on an x86-64 machine with a compiler that has -mamx-int8 (GCC 11+, Clang 12+) "
               "(SPANRT_ENCODER=ON makes the build fail loudly instead of leaving it out)")
 
 
