@@ -55,6 +55,7 @@ SYSTEMS: tuple[SystemSpec, ...] = (
                "Optimum ORTModelForQuestionAnswering, dynamic int8 (ORTQuantizer, avx512_vnni config) in the transformers pipeline"),
     SystemSpec("spanrt-onnxruntime-fp32", "spanrt", "onnxruntime", "fp32", "cpu", "SpanRT, ONNX Runtime CPU, fp32"),
     SystemSpec("spanrt-onnxruntime-int8", "spanrt", "onnxruntime", "int8", "cpu", "SpanRT, ONNX Runtime CPU, int8"),
+    SystemSpec("spanrt-native-fp32", "spanrt", "native", "fp32", "cpu", "SpanRT, native C++ encoder, fp32 (AVX-512 FMA)"),
     SystemSpec("spanrt-native-int8", "spanrt", "native", "int8", "cpu",
                "SpanRT, native C++ encoder on Intel AMX (int8 linear layers, bf16 attention)"),
     SystemSpec("spanrt-onnxruntime-openvino-bf16", "spanrt", "onnxruntime-openvino", "bf16", "cpu",

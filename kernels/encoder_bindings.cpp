@@ -44,8 +44,10 @@ std::unique_ptr<spanrt::Encoder> make_encoder(const py::dict& config, const py::
     p = spanrt::LinearPrecision::kInt8;
   } else if (precision == "bf16") {
     p = spanrt::LinearPrecision::kBf16;
+  } else if (precision == "fp32") {
+    p = spanrt::LinearPrecision::kFp32;
   } else {
-    throw py::value_error("native encoder precision must be 'int8' or 'bf16', got '" + precision + "'");
+    throw py::value_error("native encoder precision must be 'int8', 'bf16' or 'fp32', got '" + precision + "'");
   }
   std::vector<F32> keep;  // float32 copies alive until the encoder has packed them
   spanrt::WeightMap map;
@@ -97,11 +99,15 @@ PYBIND11_MODULE(_encoder, m) {
   m.doc() = "SpanRT's native AMX encoder (INT8/BF16). Import only where engine._kernels.amx_status() is true.";
   py::class_<spanrt::Encoder>(m, "Encoder")
       .def(py::init(&make_encoder), py::arg("config"), py::arg("weights"), py::arg("precision"), py::arg("threads"),
-           "Pack the float32 weights (names in spanrt/encoder.h) for INT8 or BF16 tiles.")
+           "Pack the float32 weights (names in spanrt/encoder.h) for INT8 or BF16 tiles, or FP32 panels.")
       .def("forward", &forward, py::arg("input_ids"), py::arg("attention_mask"), py::arg("token_type_ids") = py::none(),
            "(start_logits, end_logits) float32 [batch, seq]; -10000 past each window's length. GIL released.")
       .def_property_readonly("precision", [](const spanrt::Encoder& e) {
-        return e.precision() == spanrt::LinearPrecision::kInt8 ? "int8" : "bf16";
+        switch (e.precision()) {
+          case spanrt::LinearPrecision::kInt8: return "int8";
+          case spanrt::LinearPrecision::kBf16: return "bf16";
+          default: return "fp32";
+        }
       })
       .def_property_readonly("threads", &spanrt::Encoder::threads);
 }

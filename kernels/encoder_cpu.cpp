@@ -253,18 +253,20 @@ struct Linear {
   int64_t n_pad = 0;   // out, rounded to 32
   Buffer<int8_t> w8;   // [n_pad/16][k_pad/64][16][64]
   Buffer<uint16_t> w16;  // [n_pad/16][k_pad/32][16][32]
+  Buffer<float> w32;     // fp32: [n_pad/48][in][48] column panels
   Buffer<float> scale;   // [n_pad] per output channel (int8)
   Buffer<float> bias;    // [n_pad]
 };
 
-int64_t k_step(LinearPrecision p) { return p == LinearPrecision::kInt8 ? 64 : 32; }
+int64_t k_step(LinearPrecision p) { return p == LinearPrecision::kInt8 ? 64 : p == LinearPrecision::kBf16 ? 32 : 1; }
+constexpr int64_t kPanel = 48;  // fp32 GEMM: columns per packed weight panel (3 zmm)
 
 Linear pack_linear(const float* w, const float* b, int64_t out, int64_t in, LinearPrecision p) {
   Linear L;
   L.in = in;
   L.out = out;
   L.k_pad = round_up(in, k_step(p));
-  L.n_pad = round_up(out, 32);
+  L.n_pad = round_up(out, p == LinearPrecision::kFp32 ? kPanel : 32);
   L.bias.resize(L.n_pad);
   L.scale.resize(L.n_pad);
   for (int64_t n = 0; n < out; ++n) L.bias.data()[n] = b[n];
@@ -283,6 +285,12 @@ Linear pack_linear(const float* w, const float* b, int64_t out, int64_t in, Line
         const float q = std::nearbyint(row[k] / s);
         L.w8.data()[((nb * kb_count + kb) * 16 + r) * 64 + c * 4 + e] = static_cast<int8_t>(std::clamp(q, -127.0f, 127.0f));
       }
+    }
+  } else if (p == LinearPrecision::kFp32) {
+    L.w32.resize(static_cast<size_t>(L.n_pad * in));
+    for (int64_t n = 0; n < out; ++n) {
+      L.scale.data()[n] = 1.0f;
+      for (int64_t k = 0; k < in; ++k) L.w32.data()[((n / kPanel) * in + k) * kPanel + n % kPanel] = w[n * in + k];
     }
   } else {
     const int64_t kb_count = L.k_pad / 32;
@@ -417,6 +425,76 @@ void gemm(const Par& par, const Linear& L, const Activations& act, int64_t rows,
   par.barrier();
 }
 
+// ---- fp32 GEMM (AVX-512 FMA, MR x 16*NV register block) --------------------------------------------
+// out[i, n0 + c] = epilogue(sum_k a[i, k] b[k, c] + bias[n0 + c]) for i < MR, n0 + c < N.
+template <int MR, int NV>
+void f32_block(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, const float* bias, int64_t n0, int64_t N,
+               Epilogue ep, float* out, int64_t ldo) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + k * ldb + 16 * v);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_set1_ps(a[i * lda + k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    const int64_t n = n0 + 16 * v;
+    if (n >= N) break;
+    const __mmask16 mk = tail_mask(N - n);
+    const __m512 bias_v = bias != nullptr ? _mm512_maskz_loadu_ps(mk, bias + n) : _mm512_setzero_ps();
+    for (int i = 0; i < MR; ++i) {
+      __m512 x = _mm512_add_ps(acc[i][v], bias_v);
+      if (ep == Epilogue::kBiasGelu) x = gelu512(x);
+      _mm512_mask_storeu_ps(out + i * ldo + 16 * v, mk, x);
+    }
+  }
+}
+
+// f32_block for a runtime row count mr in [1, 8].
+template <int NV>
+void f32_rows(int64_t mr, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, const float* bias, int64_t n0, int64_t N,
+              Epilogue ep, float* out, int64_t ldo) {
+  switch (mr) {
+    case 8: f32_block<8, NV>(a, lda, b, ldb, K, bias, n0, N, ep, out, ldo); break;
+    case 7: f32_block<7, NV>(a, lda, b, ldb, K, bias, n0, N, ep, out, ldo); break;
+    case 6: f32_block<6, NV>(a, lda, b, ldb, K, bias, n0, N, ep, out, ldo); break;
+    case 5: f32_block<5, NV>(a, lda, b, ldb, K, bias, n0, N, ep, out, ldo); break;
+    case 4: f32_block<4, NV>(a, lda, b, ldb, K, bias, n0, N, ep, out, ldo); break;
+    case 3: f32_block<3, NV>(a, lda, b, ldb, K, bias, n0, N, ep, out, ldo); break;
+    case 2: f32_block<2, NV>(a, lda, b, ldb, K, bias, n0, N, ep, out, ldo); break;
+    default: f32_block<1, NV>(a, lda, b, ldb, K, bias, n0, N, ep, out, ldo); break;
+  }
+}
+
+// out = epilogue(x W^T + bias), x [rows, L.in] fp32: thread t owns a slice of the 48-column panels
+// (its weights stay in its L2) and walks the rows in chunks of 64; a barrier ends it. (Measured on
+// the 2-core test machine: 32-256-row chunks and K blocks for L1 change nothing beyond noise.)
+constexpr int64_t kF32RowChunk = 64;
+
+void gemm_f32(const Par& par, const Linear& L, const float* x, int64_t rows, Epilogue ep, float* out, int64_t ldo) {
+  const auto [lo, hi] = par.range(L.n_pad / kPanel);
+  for (int64_t r0 = 0; r0 < rows; r0 += kF32RowChunk) {
+    const int64_t r1 = std::min(rows, r0 + kF32RowChunk);
+    for (int64_t panel = lo; panel < hi; ++panel) {
+      const float* b = L.w32.data() + panel * L.in * kPanel;
+      for (int64_t m0 = r0; m0 < r1; m0 += 8) {
+        f32_rows<3>(std::min<int64_t>(8, r1 - m0), x + m0 * L.in, L.in, b, kPanel, L.in, L.bias.data(), panel * kPanel, L.out, ep,
+                    out + m0 * ldo + panel * kPanel, ldo);
+      }
+    }
+  }
+  par.barrier();
+}
+
 // x[r] = LayerNorm(x[r] + add[r]) * gamma + beta, rows in parallel (add may be null); with `act`,
 // each row is also quantized for the next GEMM while it is in cache.
 void add_layer_norm(const Par& par, float* x, const float* add, int64_t rows, int64_t n, const float* gamma, const float* beta,
@@ -464,10 +542,23 @@ struct HeadScratch {
   Buffer<float> s;      // [32][L32] scores
   Buffer<uint16_t> pr;  // [32][L32] exp(score - max), bf16
   Buffer<float> o;      // [32][dv]
+  // fp32 attention
+  Buffer<float> k32;    // [L48/48][d][48] keys as column panels
+  Buffer<float> v32;    // [L][dv32] values, columns padded to 32
+  Buffer<float> s32;    // [8][L48] one block of score rows
 };
 
-void size_scratch(HeadScratch& h, int64_t max_len, int64_t d) {
+void size_scratch(HeadScratch& h, int64_t max_len, int64_t d, LinearPrecision p) {
   const int64_t L32 = round_up(max_len, 32), dq = round_up(d, 32);
+  if (p == LinearPrecision::kFp32) {
+    const int64_t L48 = round_up(max_len, kPanel);
+    if (h.s32.size() < static_cast<size_t>(8 * L48) || h.v32.size() < static_cast<size_t>(max_len * dq)) {
+      h.k32.resize(L48 * d);
+      h.v32.resize(max_len * dq);
+      h.s32.resize(8 * L48);
+    }
+    return;
+  }
   if (h.s.size() >= static_cast<size_t>(32 * L32) && h.o.size() >= static_cast<size_t>(32 * dq)) return;
   h.q.resize(L32 * dq);
   h.kt.resize(L32 * dq / 2);
@@ -585,6 +676,52 @@ void attention_head(const float* qkv, int64_t H, int64_t row0, int64_t L, int64_
   }
 }
 
+
+// The same attention in fp32 (AVX-512 FMA): 8 query rows at a time, an exact softmax.
+void attention_head_f32(const float* qkv, int64_t H, int64_t row0, int64_t L, int64_t head, int64_t d, float* ctx, HeadScratch& hs) {
+  const int64_t L48 = round_up(L, kPanel), dv = round_up(d, 32), ld = 3 * H;
+  const float* qcol = qkv + head * d;
+  const float* kcol = qkv + H + head * d;
+  const float* vcol = qkv + 2 * H + head * d;
+  float* k32 = hs.k32.data();
+  float* v32 = hs.v32.data();
+  float* s = hs.s32.data();
+  std::memset(k32, 0, sizeof(float) * L48 * d);
+  for (int64_t t = 0; t < L; ++t) {
+    const float* kr = kcol + (row0 + t) * ld;
+    float* panel = k32 + (t / kPanel) * d * kPanel + t % kPanel;
+    for (int64_t k = 0; k < d; ++k) panel[k * kPanel] = kr[k];
+    std::memcpy(v32 + t * dv, vcol + (row0 + t) * ld, sizeof(float) * d);
+    if (dv > d) std::memset(v32 + t * dv + d, 0, sizeof(float) * (dv - d));
+  }
+  const __m512 sc = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(d)));
+  for (int64_t q0 = 0; q0 < L; q0 += 8) {
+    const int64_t mr = std::min<int64_t>(8, L - q0);
+    for (int64_t panel = 0; panel < L48 / kPanel; ++panel) {
+      f32_rows<3>(mr, qcol + (row0 + q0) * ld, ld, k32 + panel * d * kPanel, kPanel, d, nullptr, panel * kPanel, L, Epilogue::kBias,
+                  s + panel * kPanel, L48);
+    }
+    for (int64_t i = 0; i < mr; ++i) {
+      float* si = s + i * L48;
+      const __m512 mx = _mm512_set1_ps(reduce_max_row(si, L));
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < L; j += 16) {
+        const __mmask16 mk = tail_mask(L - j);
+        const __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, si + j), mx), sc)));
+        _mm512_mask_storeu_ps(si + j, mk, e);
+        sum = _mm512_add_ps(sum, e);
+      }
+      const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+      for (int64_t j = 0; j < L; j += 16) {
+        const __mmask16 mk = tail_mask(L - j);
+        _mm512_mask_storeu_ps(si + j, mk, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, si + j), inv));
+      }
+    }
+    for (int64_t j0 = 0; j0 < dv; j0 += 32) {
+      f32_rows<2>(mr, s, L48, v32 + j0, dv, L, nullptr, j0, d, Epilogue::kBias, ctx + (row0 + q0) * H + head * d + j0, H);
+    }
+  }
+}
 }  // namespace
 
 // ---- the encoder ------------------------------------------------------------------------------
@@ -739,7 +876,9 @@ void Encoder::forward(const int64_t* ids, const int64_t* mask, const int64_t* ty
   const int64_t k_max = round_up(std::max({E, H, I}), ks);
   Impl::Workspace& w = m.ws;
   Activations& act = w.act;
-  if (p == LinearPrecision::kInt8) ensure(act.a8, m_pad * k_max); else ensure(act.a16, m_pad * k_max);
+  const bool fp32 = p == LinearPrecision::kFp32;  // no quantized copy: the fp32 GEMM reads the activations
+  if (p == LinearPrecision::kInt8) ensure(act.a8, m_pad * k_max);
+  if (p == LinearPrecision::kBf16) ensure(act.a16, m_pad * k_max);
   ensure(act.scale, m_pad);
   float* hidden = ensure(w.hidden, M * H);
   float* emb = m.project ? ensure(w.emb, M * E) : nullptr;
@@ -760,7 +899,7 @@ void Encoder::forward(const int64_t* ids, const int64_t* mask, const int64_t* ty
   std::stable_sort(heads.begin(), heads.end(), [&](auto& x, auto& y) { return length[x.first] > length[y.first]; });
   const int nthreads = m.threads;
   if (w.heads.size() < static_cast<size_t>(nthreads)) w.heads.resize(nthreads);
-  for (auto& s : w.heads) size_scratch(s, longest, d);
+  for (auto& s : w.heads) size_scratch(s, longest, d, p);
   const Linear& first = m.layers.front().qkv;  // the layer every LayerNorm output feeds (width H)
   if (m.team && m.team_pid != getpid()) Team::abandon(m.team);  // forked since the last call
   if (!m.team) {
@@ -772,6 +911,14 @@ void Encoder::forward(const int64_t* ids, const int64_t* mask, const int64_t* ty
 
   m.team->run([&](int thread) {
     const Par par{thread, nthreads, m.team.get()};
+    Activations* q = fp32 ? nullptr : &act;  // where LayerNorm also writes the next GEMM's input
+    // y = epilogue(x W^T + b) for all M rows (x: the fp32 rows; int8/bf16 read act, already filled from x)
+    auto linear = [&](const Linear& L, const float* x, Epilogue ep, float* out, int64_t ldo) {
+      if (fp32) gemm_f32(par, L, x, M, ep, out, ldo); else gemm(par, L, act, M, p, ep, out, ldo);
+    };
+    auto quantize = [&](const float* x, const Linear& L) {
+      if (!fp32) quantize_rows(par, x, M, L, p, act);
+    };
     configure_tiles();
     float* x = m.project ? emb : hidden;
     // embeddings: word + position + token type, LayerNorm (over E)
@@ -787,31 +934,34 @@ void Encoder::forward(const int64_t* ids, const int64_t* mask, const int64_t* ty
       }
     }  // each thread normalises the rows it wrote: no barrier needed before the LayerNorm
     if (m.project) {
-      add_layer_norm(par, emb, nullptr, M, E, m.emb_gamma.data(), m.emb_beta.data(), c.layer_norm_eps, p, &act, m.emb_project.k_pad);
-      gemm(par, m.emb_project, act, M, p, Epilogue::kBias, hidden, H);
-      quantize_rows(par, hidden, M, first, p, act);
+      add_layer_norm(par, emb, nullptr, M, E, m.emb_gamma.data(), m.emb_beta.data(), c.layer_norm_eps, p, q, m.emb_project.k_pad);
+      linear(m.emb_project, emb, Epilogue::kBias, hidden, H);
+      quantize(hidden, first);
     } else {
-      add_layer_norm(par, hidden, nullptr, M, E, m.emb_gamma.data(), m.emb_beta.data(), c.layer_norm_eps, p, &act, first.k_pad);
+      add_layer_norm(par, hidden, nullptr, M, E, m.emb_gamma.data(), m.emb_beta.data(), c.layer_norm_eps, p, q, first.k_pad);
     }
     for (size_t li = 0; li < m.layers.size(); ++li) {
       const Impl::Layer& layer = m.layers[li];
       const bool last = li + 1 == m.layers.size();
-      // act holds LayerNorm(hidden), quantized
-      gemm(par, layer.qkv, act, M, p, Epilogue::kBias, qkv, 3 * H);
+      // hidden = LayerNorm output (and act its quantized copy)
+      linear(layer.qkv, hidden, Epilogue::kBias, qkv, 3 * H);
       for (int64_t hw; (hw = next_head[li].fetch_add(1, std::memory_order_relaxed)) < static_cast<int64_t>(heads.size());) {
         const int64_t b = heads[hw].first;
-        attention_head(qkv, H, offset[b], length[b], heads[hw].second, d, ctx, w.heads[thread]);
+        if (fp32) {
+          attention_head_f32(qkv, H, offset[b], length[b], heads[hw].second, d, ctx, w.heads[thread]);
+        } else {
+          attention_head(qkv, H, offset[b], length[b], heads[hw].second, d, ctx, w.heads[thread]);
+        }
       }
       par.barrier();
-      quantize_rows(par, ctx, M, layer.attn_out, p, act);
-      gemm(par, layer.attn_out, act, M, p, Epilogue::kBias, tmp, H);
-      add_layer_norm(par, hidden, tmp, M, H, layer.attn_gamma.data(), layer.attn_beta.data(), c.layer_norm_eps, p, &act,
-                     layer.ffn_in.k_pad);
-      gemm(par, layer.ffn_in, act, M, p, Epilogue::kBiasGelu, inter, I);
-      quantize_rows(par, inter, M, layer.ffn_out, p, act);
-      gemm(par, layer.ffn_out, act, M, p, Epilogue::kBias, tmp, H);
-      add_layer_norm(par, hidden, tmp, M, H, layer.ffn_gamma.data(), layer.ffn_beta.data(), c.layer_norm_eps, p,
-                     last ? nullptr : &act, first.k_pad);
+      quantize(ctx, layer.attn_out);
+      linear(layer.attn_out, ctx, Epilogue::kBias, tmp, H);
+      add_layer_norm(par, hidden, tmp, M, H, layer.attn_gamma.data(), layer.attn_beta.data(), c.layer_norm_eps, p, q, layer.ffn_in.k_pad);
+      linear(layer.ffn_in, hidden, Epilogue::kBiasGelu, inter, I);
+      quantize(inter, layer.ffn_out);
+      linear(layer.ffn_out, inter, Epilogue::kBias, tmp, H);
+      add_layer_norm(par, hidden, tmp, M, H, layer.ffn_gamma.data(), layer.ffn_beta.data(), c.layer_norm_eps, p, last ? nullptr : q,
+                     first.k_pad);
     }
     // span head: start/end logits
     const auto [lo, hi] = par.range(M);

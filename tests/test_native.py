@@ -105,7 +105,7 @@ SHAPES = [("bert", 64, 2, 128), ("bert", 128, 2, 256), ("bert", 48, 2, 100), ("b
 
 
 @needs_amx
-@pytest.mark.parametrize("precision,tol", [("bf16", 0.03), ("int8", 0.06)])
+@pytest.mark.parametrize("precision,tol", [("fp32", 2e-5), ("bf16", 0.03), ("int8", 0.06)])
 @pytest.mark.parametrize("family,hidden,heads,inter", SHAPES)
 def test_logits_match_pytorch(family: str, hidden: int, heads: int, inter: int, precision: str, tol: float) -> None:
     model, spec = _model(family, hidden, heads, inter)
@@ -126,7 +126,7 @@ def test_logits_match_pytorch(family: str, hidden: int, heads: int, inter: int, 
 
 
 @needs_amx
-@pytest.mark.parametrize("precision", ["int8", "bf16"])
+@pytest.mark.parametrize("precision", ["int8", "bf16", "fp32"])
 def test_a_window_gets_the_same_logits_whatever_its_batch_and_thread_count(precision: str) -> None:
     model, spec = _model("bert")
     enc2, enc1 = _encoder(model, spec, precision, threads=2), _encoder(model, spec, precision, threads=1)
@@ -187,8 +187,8 @@ def test_bad_inputs_are_value_errors() -> None:
     del weights["layers.1.ffn_out.bias"]
     with pytest.raises(ValueError, match="'layers.1.ffn_out.bias' is missing"):
         module.Encoder(config, weights, "int8", 1)
-    with pytest.raises(ValueError, match="'int8' or 'bf16'"):
-        module.Encoder(*native_weights(model, spec), "fp32", 1)
+    with pytest.raises(ValueError, match="'int8', 'bf16' or 'fp32'"):
+        module.Encoder(*native_weights(model, spec), "fp16", 1)
 
 
 def test_unsupported_activation_is_refused_at_export() -> None:
@@ -254,8 +254,13 @@ def test_export_writes_and_checks_the_native_weights_and_the_engine_runs_them(tm
         assert abs(a[0].score - r[0].score) < 0.2
     with Engine(path, threads=1) as auto:  # auto: the native encoder's int8 first on this CPU
         assert (auto.backend, auto.precision) == ("native", "int8")
-    with pytest.raises(BackendUnavailableError, match="runs int8 or bf16, not fp32"):
-        Engine(path, backend="native", precision="fp32")
+    with Engine(path, precision="fp32", threads=1) as auto32:  # auto fp32: the native encoder's fp32 first too
+        assert (auto32.backend, auto32.precision) == ("native", "fp32")
+        got = auto32.answer("where is the mill?", context, top_k=3)
+        assert [(x.text, x.start) for x in got] == [(x.text, x.start) for x in r]
+        assert all(abs(x.score - y.score) < 1e-4 for x, y in zip(got, r))
+    with pytest.raises(BackendUnavailableError, match="runs int8, bf16, fp32, not fp16"):
+        Engine(path, backend="native", precision="fp16")
 
 
 @needs_amx

@@ -1,8 +1,8 @@
 """Model backends, one module each, imported only when asked for.
 
 ``open_backend(bundle, "auto")`` tries TensorRT, then ONNX Runtime CUDA, then SpanRT's native AMX
-encoder (int8), then ONNX Runtime with the OpenVINO plugin (bf16, when installed), then ONNX
-Runtime CPU and
+encoder (int8, fp32), then ONNX Runtime with the OpenVINO plugin (bf16, when installed), then
+ONNX Runtime CPU and
 records why each faster one was skipped; any explicitly named backend or precision that cannot run
 raises BackendUnavailableError (never a quiet substitution). The torch backend is a reference and
 is never picked by "auto".
@@ -61,11 +61,12 @@ def open_backend(bundle: Bundle, backend: str = "auto", precision: str | None = 
     for name in AUTO_ORDER:
         want = precision
         if name == "native":
-            # Its INT8 is the fastest CPU model here; its BF16 is slower than OpenVINO's in batches.
-            if precision not in (None, "int8"):
+            # Its INT8 and FP32 are the fastest CPU models of those precisions here; its BF16 is
+            # slower than OpenVINO's in batches.
+            if precision not in (None, "int8", "fp32"):
                 skipped.append(f"{name}: not used for {precision} by auto (ask for backend='native' explicitly)")
                 continue
-            want = "int8"
+            want = precision or "int8"
         elif name == "onnxruntime-openvino":
             # Only its BF16 beats ONNX Runtime's own CPU models (int8, fp32); its FP32 does not.
             if precision not in (None, "bf16"):
@@ -95,8 +96,8 @@ def open_backend(bundle: Bundle, backend: str = "auto", precision: str | None = 
 
 
 def _precisions_of(name: str, bundle: Bundle) -> tuple[str, ...]:
-    if name == "native":  # INT8 or BF16 computed from the bundle's float32 native weights
-        return ("int8", "bf16") if "fp32" in bundle.precisions("native") else ()
+    if name == "native":  # INT8, BF16 or FP32 computed from the bundle's float32 native weights
+        return ("int8", "bf16", "fp32") if "fp32" in bundle.precisions("native") else ()
     if name == "onnxruntime-openvino":  # OpenVINO's BF16 or FP32 on the bundle's FP32 graph
         return ("bf16", "fp32") if "fp32" in bundle.precisions("onnx") else ()
     fmt = "tensorrt" if name == "tensorrt" else "onnx"

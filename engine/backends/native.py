@@ -1,8 +1,9 @@
-"""SpanRT's own encoder on the CPU with Intel AMX: INT8 (the default) or BF16.
+"""SpanRT's own encoder on the CPU: INT8 (the default) or BF16 on Intel AMX, or FP32.
 
 The encoder is C++ (kernels/encoder_cpu.cpp, module ``engine._encoder``): linear layers on AMX
 tiles in INT8 (per-token dynamic activation scales, per-channel weight scales, int32 sums) or
-BF16, attention in BF16 with an fp32 softmax, LayerNorm/GELU/residuals in fp32. It reads the
+BF16, attention in BF16 with an fp32 softmax, LayerNorm/GELU/residuals in fp32; or everything in
+FP32 with AVX-512 FMA (PyTorch's logits to ~1e-5). It reads the
 bundle's ``native`` artifact: the checkpoint's float32 weights under one naming (export/native.py),
 packed into tile layouts when the backend opens.
 
@@ -31,7 +32,9 @@ from engine.errors import BackendUnavailableError, BundleError
 
 NAME = "native"
 FORMAT = "native"  # the bundle artifact: float32 weights (.npz) + the encoder config in the manifest
-PRECISIONS = ("int8", "bf16")
+PRECISIONS = ("int8", "bf16", "fp32")
+LINEAR_LAYERS = {"int8": "int8 on AMX (per-token activation, per-channel weight scales)", "bf16": "bf16 on AMX",
+                 "fp32": "fp32, AVX-512 FMA"}
 CONFIG_KEYS = ("vocab_size", "max_positions", "type_vocab_size", "embedding_size", "hidden_size", "num_layers", "num_heads",
                "intermediate_size", "position_offset", "layer_norm_eps")
 BUILD_HINT = ("reinstall spanrt on an x86-64 machine with a compiler that has -mamx-int8 (GCC 11+, Clang 12+) "
@@ -80,8 +83,8 @@ class NativeCPU(Backend):
     def __init__(self, bundle: Bundle, precision: str | None = None, *, threads: int | None = None) -> None:
         precision = precision or "int8"
         if precision not in PRECISIONS:
-            raise BackendUnavailableError(f"backend 'native' runs {' or '.join(PRECISIONS)}, not {precision}: "
-                                          "use backend='onnxruntime' for fp32")
+            raise BackendUnavailableError(f"backend 'native' runs {', '.join(PRECISIONS)}, not {precision}: "
+                                          "use backend='onnxruntime-cuda' or 'tensorrt' for fp16 on a GPU")
         module = import_encoder()
         artifact = require_artifact(bundle, FORMAT, "fp32", self.name)
         config = encoder_config(bundle.root, artifact.info)
@@ -101,8 +104,8 @@ class NativeCPU(Backend):
         self.input_names = bundle.input_names
         self.input_dtypes = {n: np.dtype(np.int64) for n in self.input_names}
         self.details = {"encoder": "spanrt native (AMX)", "file": artifact.path.name, "threads": self.threads,
-                        "linear_layers": "int8 (per-token activation, per-channel weight scales)" if precision == "int8" else "bf16",
-                        "attention": "bf16, fp32 softmax", "padding_computed": False,
+                        "linear_layers": LINEAR_LAYERS[precision], "attention": "fp32" if precision == "fp32" else "bf16, fp32 softmax",
+                        "padding_computed": False,
                         "max_batch_tokens": self.max_batch_tokens, "call_cost_tokens": self.call_cost_tokens,
                         "config": json.loads(json.dumps(config))}
 

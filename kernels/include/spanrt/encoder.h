@@ -35,7 +35,8 @@ struct EncoderConfig {
   float layer_norm_eps = 1e-12f;
 };
 
-enum class LinearPrecision { kInt8, kBf16 };
+// kFp32: the same model in fp32 with AVX-512 FMA (no AMX): PyTorch's numbers to float rounding.
+enum class LinearPrecision { kInt8, kBf16, kFp32 };
 
 // A float32 tensor handed over by the caller (row-major); the encoder copies what it keeps.
 struct TensorView {
