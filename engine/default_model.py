@@ -34,6 +34,8 @@ MEASURED_ACCURACY = {
     "data": "SQuAD v1.1 dev, 10,570 questions, official scoring",
     "fp32": {"exact_match": 70.99, "f1": 80.74, "backend": "onnxruntime-cpu"},
     "int8": {"exact_match": 70.75, "f1": 80.51, "backend": "onnxruntime-cpu"},
+    "native_int8": {"exact_match": 70.85, "f1": 80.74, "backend": "native"},
+    "native_fp32": {"exact_match": 70.99, "f1": 80.74, "backend": "native"},
     "pytorch_fp32": {"exact_match": 71.00, "f1": 80.75, "runtime": "transformers 4.57.6 question-answering pipeline"},
 }
 EXPORT_MODULES = ("torch", "transformers", "onnx", "safetensors")

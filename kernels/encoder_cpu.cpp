@@ -180,6 +180,45 @@ void configure_tiles() {
   _tile_loadconfig(&cfg);
 }
 
+// ---- the one tile kernel -------------------------------------------------------------------------
+// C[32 x 32] = sum over `steps` of A[32 x 64 bytes] . B[64 bytes x 32], C tiles 0-3, A 4-5, B 6-7:
+// A rows 0-15 at a, 16-31 at a + 16 lda; B columns 0-15 at b0, 16-31 at b1 (tile rows ldb apart);
+// each step moves A by a_step and B by b_step bytes. C (int32 for int8, else fp32) is stored with
+// row stride ldc bytes. Used by the GEMMs and by both products of attention.
+template <bool Int8>
+__attribute__((always_inline)) inline void tile_block_32x32(const void* a, int64_t lda, int64_t a_step, const void* b0, const void* b1, int64_t ldb, int64_t b_step,
+                             int64_t steps, void* c, int64_t ldc) {
+  const char* pa = static_cast<const char*>(a);
+  const char* pb0 = static_cast<const char*>(b0);
+  const char* pb1 = static_cast<const char*>(b1);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t k = 0; k < steps; ++k) {
+    _tile_loadd(4, pa + k * a_step, lda);
+    _tile_loadd(5, pa + 16 * lda + k * a_step, lda);
+    _tile_loadd(6, pb0 + k * b_step, ldb);
+    _tile_loadd(7, pb1 + k * b_step, ldb);
+    if constexpr (Int8) {
+      _tile_dpbssd(0, 4, 6);
+      _tile_dpbssd(1, 4, 7);
+      _tile_dpbssd(2, 5, 6);
+      _tile_dpbssd(3, 5, 7);
+    } else {
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  char* pc = static_cast<char*>(c);
+  _tile_stored(0, pc, ldc);
+  _tile_stored(1, pc + 64, ldc);
+  _tile_stored(2, pc + 16 * ldc, ldc);
+  _tile_stored(3, pc + 16 * ldc + 64, ldc);
+}
+
 // ---- vector math ------------------------------------------------------------------------------
 inline __m512 exp512(__m512 x) {
   // exp(x) = 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2; degree-6 Taylor, rel. error < 2e-7
@@ -365,45 +404,14 @@ void gemm(const Par& par, const Linear& L, const Activations& act, int64_t rows,
     for (int64_t nb = nb_lo; nb < nb_hi; ++nb) {
       for (int64_t m0 = r0; m0 < r1; m0 += 32) {
         const int64_t n0 = nb * 32;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
         if (p == LinearPrecision::kInt8) {
-          const int64_t kbs = L.k_pad / 64, lda = L.k_pad;
-          const int8_t* a = act.a8.data() + m0 * lda;
-          const int8_t* b0 = L.w8.data() + (2 * nb) * kbs * 1024;
-          const int8_t* b1 = b0 + kbs * 1024;
-          for (int64_t kb = 0; kb < kbs; ++kb) {
-            _tile_loadd(4, a + kb * 64, lda);
-            _tile_loadd(5, a + 16 * lda + kb * 64, lda);
-            _tile_loadd(6, b0 + kb * 1024, 64);
-            _tile_loadd(7, b1 + kb * 1024, 64);
-            _tile_dpbssd(0, 4, 6);
-            _tile_dpbssd(1, 4, 7);
-            _tile_dpbssd(2, 5, 6);
-            _tile_dpbssd(3, 5, 7);
-          }
+          const int8_t* b0 = L.w8.data() + (2 * nb) * (L.k_pad / 64) * 1024;
+          tile_block_32x32<true>(act.a8.data() + m0 * L.k_pad, L.k_pad, 64, b0, b0 + (L.k_pad / 64) * 1024, 64, 1024, L.k_pad / 64, c, 128);
         } else {
-          const int64_t kbs = L.k_pad / 32, lda = L.k_pad * 2;
-          const char* a = reinterpret_cast<const char*>(act.a16.data()) + m0 * lda;
-          const char* b0 = reinterpret_cast<const char*>(L.w16.data()) + (2 * nb) * kbs * 1024;
-          const char* b1 = b0 + kbs * 1024;
-          for (int64_t kb = 0; kb < kbs; ++kb) {
-            _tile_loadd(4, a + kb * 64, lda);
-            _tile_loadd(5, a + 16 * lda + kb * 64, lda);
-            _tile_loadd(6, b0 + kb * 1024, 64);
-            _tile_loadd(7, b1 + kb * 1024, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
-          }
+          const uint16_t* b0 = L.w16.data() + (2 * nb) * (L.k_pad / 32) * 512;
+          tile_block_32x32<false>(act.a16.data() + m0 * L.k_pad, L.k_pad * 2, 64, b0, b0 + (L.k_pad / 32) * 512, 64, 1024, L.k_pad / 32, c,
+                                  128);
         }
-        _tile_stored(0, c, 128);
-        _tile_stored(1, c + 16, 128);
-        _tile_stored(2, c + 16 * 32, 128);
-        _tile_stored(3, c + 16 * 32 + 16, 128);
         const int64_t m_end = std::min<int64_t>(32, rows - m0);
         for (int64_t half = 0; half < 2; ++half) {
           const int64_t n = n0 + half * 16;
@@ -611,24 +619,7 @@ void attention_head(const float* qkv, int64_t H, int64_t row0, int64_t L, int64_
   float inv_sum[32];
   for (int64_t q0 = 0; q0 < L; q0 += 32) {
     for (int64_t k0 = 0; k0 < L32; k0 += 32) {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t ks = 0; ks < dq / 32; ++ks) {
-        _tile_loadd(4, q + q0 * dq + ks * 32, dq * 2);
-        _tile_loadd(5, q + (q0 + 16) * dq + ks * 32, dq * 2);
-        _tile_loadd(6, kp + (ks * 16) * L32 + k0, L32 * 4);
-        _tile_loadd(7, kp + (ks * 16) * L32 + k0 + 16, L32 * 4);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-      _tile_stored(0, s + k0, L32 * 4);
-      _tile_stored(1, s + k0 + 16, L32 * 4);
-      _tile_stored(2, s + 16 * L32 + k0, L32 * 4);
-      _tile_stored(3, s + 16 * L32 + k0 + 16, L32 * 4);
+      tile_block_32x32<false>(q + q0 * dq, dq * 2, 64, kp + k0, kp + k0 + 16, L32 * 4, 16 * L32 * 4, dq / 32, s + k0, L32 * 4);
     }
     const int64_t rows = std::min<int64_t>(32, L - q0);
     for (int64_t i = 0; i < rows; ++i) {
@@ -646,24 +637,7 @@ void attention_head(const float* qkv, int64_t H, int64_t row0, int64_t L, int64_
     }
     // rows past the window keep the previous block's (finite) probabilities: their outputs are not used
     for (int64_t j0 = 0; j0 < dv; j0 += 32) {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t ks = 0; ks < L32 / 32; ++ks) {
-        _tile_loadd(4, pr + ks * 32, L32 * 2);
-        _tile_loadd(5, pr + 16 * L32 + ks * 32, L32 * 2);
-        _tile_loadd(6, vp + (ks * 16) * dv + j0, dv * 4);
-        _tile_loadd(7, vp + (ks * 16) * dv + j0 + 16, dv * 4);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-      _tile_stored(0, o + j0, dv * 4);
-      _tile_stored(1, o + j0 + 16, dv * 4);
-      _tile_stored(2, o + 16 * dv + j0, dv * 4);
-      _tile_stored(3, o + 16 * dv + j0 + 16, dv * 4);
+      tile_block_32x32<false>(pr, L32 * 2, 64, vp + j0, vp + j0 + 16, dv * 4, 16 * dv * 4, L32 / 32, o + j0, dv * 4);
     }
     for (int64_t i = 0; i < rows; ++i) {
       const __m512 inv = _mm512_set1_ps(inv_sum[i]);
