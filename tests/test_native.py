@@ -218,6 +218,13 @@ def test_without_amx_the_backend_is_unavailable_and_auto_moves_on(tmp_path: Path
     with Engine(bundle, precision="int8", threads=1) as e:
         assert e.backend != "native"
         assert any(n.startswith("native: ") and "AMX-INT8 (test)" in n for n in e.backend_notes)
+    # --no-native: no weights, and the backend says which artifact is missing
+    lean = export_bundle(ckpt, tmp_path / "lean", ExportOptions(precisions=("int8",), max_seq_len=64, tensorrt_onnx=(), native=False,
+                                                                  quiet=True))
+    assert not (lean / "model.native.npz").exists()
+    monkeypatch.setattr(native_backend, "amx_status", lambda: (True, "test"))
+    with pytest.raises(BackendUnavailableError, match="needs the fp32 native model"):
+        Engine(lean, backend="native")
 
 
 def _tokenizer(folder: Path) -> None:

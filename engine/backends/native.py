@@ -85,9 +85,12 @@ class NativeCPU(Backend):
         if precision not in PRECISIONS:
             raise BackendUnavailableError(f"backend 'native' runs {', '.join(PRECISIONS)}, not {precision}: "
                                           "use backend='onnxruntime-cuda' or 'tensorrt' for fp16 on a GPU")
-        module = import_encoder()
         artifact = require_artifact(bundle, FORMAT, "fp32", self.name)
+        if "attention_mask" not in bundle.input_names:  # the encoder finds each window's length in it
+            raise BundleError(f"bundle {bundle.root}: the native backend needs an attention_mask input, the manifest lists "
+                              f"{bundle.input_names}. Fix: export the bundle again with python -m export")
         config = encoder_config(bundle.root, artifact.info)
+        module = import_encoder()  # after the bundle checks: the CPU check, then the AVX-512 module
         try:
             with np.load(artifact.path, allow_pickle=False) as data:
                 weights = {k: data[k] for k in data.files}
