@@ -10,7 +10,7 @@ python="$(command -v "${1:-python}")"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
-cmake -S "$repo" -B "$work/build" -DSPANRT_SANITIZE=ON -DSPANRT_CUDA=OFF \
+cmake -S "$repo" -B "$work/build" -DSPANRT_SANITIZE=ON -DSPANRT_CUDA=OFF -DSPANRT_ENCODER=OFF \
   -DCMAKE_BUILD_TYPE=Debug -DPython_EXECUTABLE="$python" \
   -Dpybind11_DIR="$("$python" -m pybind11 --cmakedir)" >"$work/configure.log" \
   || { cat "$work/configure.log"; exit 1; }
