@@ -9,20 +9,18 @@
 #include "spanrt/encoder.h"
 
 #include <immintrin.h>
-#include <pthread.h>
-#include <sched.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
-#include <condition_variable>
-#include <functional>
-#include <thread>
 #include <cmath>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <utility>
 
 namespace spanrt {
@@ -49,6 +47,8 @@ class Buffer {
   ~Buffer() { std::free(p_); }
   void resize(size_t count) {
     std::free(p_);
+    p_ = nullptr;
+    n_ = 0;
     const size_t bytes = static_cast<size_t>(round_up(static_cast<int64_t>(std::max<size_t>(count, 1) * sizeof(T)), 64));
     p_ = static_cast<T*>(std::aligned_alloc(64, bytes));
     if (p_ == nullptr) throw std::bad_alloc();
