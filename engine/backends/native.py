@@ -73,7 +73,7 @@ def encoder_config(root: Path, info: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class NativeCPU(Backend):
-    """The native AMX encoder on the bundle's float32 weights, INT8 or BF16."""
+    """The native encoder on the bundle's float32 weights: INT8 or BF16 on AMX, or FP32."""
 
     name = NAME
     device = "cpu"
@@ -106,7 +106,7 @@ class NativeCPU(Backend):
         self.precision = precision
         self.input_names = bundle.input_names
         self.input_dtypes = {n: np.dtype(np.int64) for n in self.input_names}
-        self.details = {"encoder": "spanrt native (AMX)", "file": artifact.path.name, "threads": self.threads,
+        self.details = {"encoder": "spanrt native (AVX-512)" if precision == "fp32" else "spanrt native (AMX)", "file": artifact.path.name, "threads": self.threads,
                         "linear_layers": LINEAR_LAYERS[precision], "attention": "fp32" if precision == "fp32" else "bf16, fp32 softmax",
                         "padding_computed": False,
                         "max_batch_tokens": self.max_batch_tokens, "call_cost_tokens": self.call_cost_tokens,
