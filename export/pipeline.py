@@ -24,6 +24,7 @@ from export.samples import EncodedBatch, Pair, encode_pairs, fits, load_pairs
 ORT_PRECISIONS = ("fp32", "int8", "fp16")
 TRT_PRECISIONS = ("fp16", "int8")
 FP32_ATOL = 1e-4  # max abs logit difference allowed between ONNX Runtime fp32 and PyTorch
+NATIVE_FP32_ATOL = 1e-3  # the same for the native encoder's fp32 (its own GEMM and exp: ~1e-5 relative)
 VERIFY_PAIRS = 32  # pairs kept aside for verification (never used for calibration)
 
 
@@ -275,14 +276,15 @@ def export_bundle(model_dir: str | Path, out: str | Path, opts: ExportOptions | 
 def _write_native(w: BundleWriter, model: Any, spec: Any, reference: list[Any], batches: list[EncodedBatch],
                   opts: ExportOptions) -> dict[str, Any]:
     """Write the native encoder's weights as an artifact and, where this CPU has AMX, check its
-    INT8 and BF16 logits against PyTorch like the ONNX graphs (else say why it was not checked)."""
+    INT8, BF16 and FP32 logits against PyTorch like the ONNX graphs (else say why it was not
+    checked). FP32 must stay within NATIVE_FP32_ATOL and give the same best spans."""
     from engine.backends.base import default_threads
     from engine.backends.native import FORMAT, amx_status, encoder_config, import_encoder
     from export.native import NATIVE_FILE, write_native
     from export.onnx import verify_against
 
     config = write_native(model, spec, w.path(NATIVE_FILE))
-    entry = w.add_artifact(NATIVE_FILE, format=FORMAT, precision="fp32", encoder=config, computes=["int8", "bf16"])
+    entry = w.add_artifact(NATIVE_FILE, format=FORMAT, precision="fp32", encoder=config, computes=["int8", "bf16", "fp32"])
     ok, reason = amx_status()
     if not ok:
         return {"checked": False, "reason": reason}
@@ -292,10 +294,12 @@ def _write_native(w: BundleWriter, model: Any, spec: Any, reference: list[Any], 
     with np.load(w.path(NATIVE_FILE), allow_pickle=False) as data:
         weights = {k: data[k] for k in data.files}
     figures: dict[str, Any] = {"checked": True}
-    for precision in ("int8", "bf16"):
+    for precision in ("int8", "bf16", "fp32"):
         enc = module.Encoder(encoder_config(w.tmp, entry), weights, precision, default_threads())
-        figures[precision] = verify_against(reference, _EncoderSession(enc), batches, atol=None,
-                                            min_span_agreement=opts.min_int8_span_agreement, label=f"native {precision} encoder")
+        exact = precision == "fp32"
+        figures[precision] = verify_against(reference, _EncoderSession(enc), batches, atol=NATIVE_FP32_ATOL if exact else None,
+                                            min_span_agreement=1.0 if exact else opts.min_int8_span_agreement,
+                                            label=f"native {precision} encoder")
     return figures
 
 

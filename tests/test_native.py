@@ -252,6 +252,7 @@ def test_export_writes_and_checks_the_native_weights_and_the_engine_runs_them(tm
     assert art is not None and art.info["encoder"]["hidden_size"] == 64 and art.info["encoder"]["num_layers"] == 2
     checked = b.manifest["verification"]["native"]
     assert checked["checked"] is True and checked["int8"]["rows"] == 16 and checked["bf16"]["max_abs_diff"] < 0.1
+    assert checked["fp32"]["max_abs_diff"] < 1e-3 and checked["fp32"]["span_agreement"] == 1.0
     context = "the river runs past the old mill and the bridge near the town"
     with Engine(path, backend="native", threads=2) as e, Engine(path, backend="onnxruntime", precision="fp32", threads=1) as ref:
         assert (e.backend, e.precision, e.device) == ("native", "int8", "cpu")
