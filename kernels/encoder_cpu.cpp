@@ -578,13 +578,24 @@ void size_scratch(HeadScratch& h, int64_t max_len, int64_t d, LinearPrecision p)
   h.o.resize(32 * dq);
 }
 
+// One head's query, key and value columns of one window in the QKV GEMM's output [.., 3H]
+// (Q | K | V, each H wide, heads d wide): pointers at the window's first token, row stride 3H.
+struct HeadColumns {
+  const float* q;
+  const float* k;
+  const float* v;
+  int64_t ld;
+};
+
+HeadColumns head_columns(const float* qkv, int64_t H, int64_t row0, int64_t head, int64_t d) {
+  const float* first = qkv + row0 * 3 * H + head * d;
+  return {first, first + H, first + 2 * H, 3 * H};
+}
+
 // ctx[t, head*d : head*d + d] for the L tokens from row0 of qkv [.., 3H] (Q | K | V columns).
 void attention_head(const float* qkv, int64_t H, int64_t row0, int64_t L, int64_t head, int64_t d, float* ctx, HeadScratch& hs) {
   const int64_t L32 = round_up(L, 32), dq = round_up(d, 32), dv = dq;
-  const int64_t ld = 3 * H;
-  const float* qcol = qkv + head * d;
-  const float* kcol = qkv + H + head * d;
-  const float* vcol = qkv + 2 * H + head * d;
+  const HeadColumns col = head_columns(qkv, H, row0, head, d);
   uint16_t* q = hs.q.data();
   uint32_t* kt = hs.kt.data();
   uint32_t* kp = hs.kp.data();
@@ -593,8 +604,8 @@ void attention_head(const float* qkv, int64_t H, int64_t row0, int64_t L, int64_
   std::memset(kt, 0, sizeof(uint32_t) * L32 * dq / 2);
   std::memset(vp, 0, sizeof(uint32_t) * L32 / 2 * dv);
   for (int64_t t = 0; t < L; ++t) {
-    row_to_bf16(qcol + (row0 + t) * ld, d, q + t * dq);
-    row_to_bf16(kcol + (row0 + t) * ld, d, reinterpret_cast<uint16_t*>(kt + t * (dq / 2)));
+    row_to_bf16(col.q + t * col.ld, d, q + t * dq);
+    row_to_bf16(col.k + t * col.ld, d, reinterpret_cast<uint16_t*>(kt + t * (dq / 2)));
   }
   // kp[p][t] = kt[t][p] (rows: pairs of head dims, columns: keys)
   for (int64_t t = 0; t < L32; ++t)
@@ -603,8 +614,8 @@ void attention_head(const float* qkv, int64_t H, int64_t row0, int64_t L, int64_
   const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                               23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   for (int64_t r = 0; r < (L + 1) / 2; ++r) {
-    const float* v0 = vcol + (row0 + 2 * r) * ld;
-    const float* v1 = 2 * r + 1 < L ? vcol + (row0 + 2 * r + 1) * ld : nullptr;
+    const float* v0 = col.v + 2 * r * col.ld;
+    const float* v1 = 2 * r + 1 < L ? col.v + (2 * r + 1) * col.ld : nullptr;
     for (int64_t j = 0; j < d; j += 16) {
       const __mmask16 mk = tail_mask(d - j);
       const __m256i a = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, v0 + j)));
@@ -654,26 +665,24 @@ void attention_head(const float* qkv, int64_t H, int64_t row0, int64_t L, int64_
 
 // The same attention in fp32 (AVX-512 FMA): 8 query rows at a time, an exact softmax.
 void attention_head_f32(const float* qkv, int64_t H, int64_t row0, int64_t L, int64_t head, int64_t d, float* ctx, HeadScratch& hs) {
-  const int64_t L48 = round_up(L, kPanel), dv = round_up(d, 32), ld = 3 * H;
-  const float* qcol = qkv + head * d;
-  const float* kcol = qkv + H + head * d;
-  const float* vcol = qkv + 2 * H + head * d;
+  const int64_t L48 = round_up(L, kPanel), dv = round_up(d, 32);
+  const HeadColumns col = head_columns(qkv, H, row0, head, d);
   float* k32 = hs.k32.data();
   float* v32 = hs.v32.data();
   float* s = hs.s32.data();
   std::memset(k32, 0, sizeof(float) * L48 * d);
   for (int64_t t = 0; t < L; ++t) {
-    const float* kr = kcol + (row0 + t) * ld;
+    const float* kr = col.k + t * col.ld;
     float* panel = k32 + (t / kPanel) * d * kPanel + t % kPanel;
     for (int64_t k = 0; k < d; ++k) panel[k * kPanel] = kr[k];
-    std::memcpy(v32 + t * dv, vcol + (row0 + t) * ld, sizeof(float) * d);
+    std::memcpy(v32 + t * dv, col.v + t * col.ld, sizeof(float) * d);
     if (dv > d) std::memset(v32 + t * dv + d, 0, sizeof(float) * (dv - d));
   }
   const __m512 sc = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(d)));
   for (int64_t q0 = 0; q0 < L; q0 += 8) {
     const int64_t mr = std::min<int64_t>(8, L - q0);
     for (int64_t panel = 0; panel < L48 / kPanel; ++panel) {
-      f32_rows<3>(mr, qcol + (row0 + q0) * ld, ld, k32 + panel * d * kPanel, kPanel, d, nullptr, panel * kPanel, L, Epilogue::kBias,
+      f32_rows<3>(mr, col.q + q0 * col.ld, col.ld, k32 + panel * d * kPanel, kPanel, d, nullptr, panel * kPanel, L, Epilogue::kBias,
                   s + panel * kPanel, L48);
     }
     for (int64_t i = 0; i < mr; ++i) {
