@@ -94,9 +94,9 @@ def native_weights(model: Any, spec: ModelSpec) -> tuple[dict[str, Any], dict[st
     return config, w
 
 
-def write_native(model: Any, spec: ModelSpec, path: str | Path) -> dict[str, Any]:
-    """Write the native encoder's weights to ``path`` (.npz); returns its config."""
+def write_native(model: Any, spec: ModelSpec, path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Write the native encoder's weights to ``path`` (.npz); returns (config, weights) as written."""
     config, weights = native_weights(model, spec)
     with open(path, "wb") as f:
         np.savez(f, **weights)
-    return config
+    return config, weights

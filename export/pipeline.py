@@ -283,19 +283,16 @@ def _write_native(w: BundleWriter, model: Any, spec: Any, reference: list[Any], 
     from export.native import NATIVE_FILE, write_native
     from export.onnx import verify_against
 
-    config = write_native(model, spec, w.path(NATIVE_FILE))
+    config, weights = write_native(model, spec, w.path(NATIVE_FILE))
     entry = w.add_artifact(NATIVE_FILE, format=FORMAT, precision="fp32", encoder=config, computes=["int8", "bf16", "fp32"])
     ok, reason = amx_status()
     if not ok:
         return {"checked": False, "reason": reason}
     module = import_encoder()
-    import numpy as np
-
-    with np.load(w.path(NATIVE_FILE), allow_pickle=False) as data:
-        weights = {k: data[k] for k in data.files}
+    checked_config = encoder_config(w.tmp, entry)  # what the backend will read from the manifest entry
     figures: dict[str, Any] = {"checked": True}
     for precision in ("int8", "bf16", "fp32"):
-        enc = module.Encoder(encoder_config(w.tmp, entry), weights, precision, default_threads())
+        enc = module.Encoder(checked_config, weights, precision, default_threads())
         exact = precision == "fp32"
         figures[precision] = verify_against(reference, _EncoderSession(enc), batches, atol=NATIVE_FP32_ATOL if exact else None,
                                             min_span_agreement=1.0 if exact else opts.min_int8_span_agreement,

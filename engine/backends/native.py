@@ -19,14 +19,21 @@ imported; anywhere else this backend raises BackendUnavailableError and ``auto``
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engine.backends.base import CPU_CALL_COST_TOKENS, CPU_MAX_BATCH_TOKENS, Backend, Consume, T, default_threads, require_artifact
+from engine.backends.base import (
+    CPU_CALL_COST_TOKENS,
+    CPU_MAX_BATCH_TOKENS,
+    Backend,
+    Consume,
+    T,
+    default_threads,
+    require_artifact,
+)
 from engine.bundle import Bundle
 from engine.errors import BackendUnavailableError, BundleError
 
@@ -110,7 +117,7 @@ class NativeCPU(Backend):
                         "linear_layers": LINEAR_LAYERS[precision], "attention": "fp32" if precision == "fp32" else "bf16, fp32 softmax",
                         "padding_computed": False,
                         "max_batch_tokens": self.max_batch_tokens, "call_cost_tokens": self.call_cost_tokens,
-                        "config": json.loads(json.dumps(config))}
+                        "config": config}
 
     def run(self, feeds: Mapping[str, np.ndarray], consume: Consume[T]) -> T:
         """Run the encoder (GIL released; concurrent calls take turns) and pass the host logits on."""
