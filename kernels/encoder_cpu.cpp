@@ -854,16 +854,15 @@ void Encoder::forward(const int64_t* ids, const int64_t* mask, const int64_t* ty
 
   std::lock_guard<std::mutex> lock(mutex_);
   const int64_t E = c.embedding_size, H = c.hidden, I = c.intermediate, d = H / c.heads;
-  const int64_t m_pad = round_up(M, 32);
   const LinearPrecision p = m.precision;
-  const int64_t ks = k_step(p);
-  const int64_t k_max = round_up(std::max({E, H, I}), ks);
   Impl::Workspace& w = m.ws;
   Activations& act = w.act;
   const bool fp32 = p == LinearPrecision::kFp32;  // no quantized copy: the fp32 GEMM reads the activations
-  if (p == LinearPrecision::kInt8) ensure(act.a8, m_pad * k_max);
-  if (p == LinearPrecision::kBf16) ensure(act.a16, m_pad * k_max);
-  ensure(act.scale, m_pad);
+  if (!fp32) {  // rows padded to the 32-row tile blocks, columns to the widest GEMM input's K step
+    const int64_t m_pad = round_up(M, 32), k_max = round_up(std::max({E, H, I}), k_step(p));
+    if (p == LinearPrecision::kInt8) ensure(act.a8, m_pad * k_max); else ensure(act.a16, m_pad * k_max);
+    ensure(act.scale, m_pad);
+  }
   float* hidden = ensure(w.hidden, M * H);
   float* emb = m.project ? ensure(w.emb, M * E) : nullptr;
   float* qkv = ensure(w.qkv, M * 3 * H);
