@@ -18,6 +18,8 @@ from engine.default_model import CHECKPOINT_DIR
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 CPU_SYSTEMS = [s.name for s in SYSTEMS if s.device == "cpu"]
+# CPU systems whose runtime depends on the CPU's vendor or features; every other one must run on every x86-64 CPU
+CPU_OPTIONAL = {s.name for s in SYSTEMS if s.device == "cpu" and s.backend in ("onnxruntime-openvino", "native")}
 
 
 def make_tiny_checkpoint(path: Path) -> Path:
@@ -63,6 +65,9 @@ def test_quick_run_measures_every_cpu_system(quick_run: dict[str, Any]) -> None:
     assert list(by) == [s.name for s in SYSTEMS]  # every system listed, none dropped, registry order
     for name in CPU_SYSTEMS:
         s = by[name]
+        if name in CPU_OPTIONAL and not s["available"]:  # OpenVINO offers no device on AMD CPUs
+            assert s["reason"], name
+            continue
         assert s["available"] and s["status"] == "ok", (name, s.get("reason"))
         assert set(s["throughput_qps"]) == {"1", "8", "32"}
         assert all(v > 0 and math.isfinite(v) for v in s["throughput_qps"].values())

@@ -41,6 +41,7 @@ PAD_MULTIPLE = 16
 INSTALL_HINT = "pip install onnxruntime-ep-openvino (or: pip install 'spanrt[openvino]')"
 
 _register_lock = threading.Lock()
+_registered: set[str] = set()  # plugin libraries this process has registered (ONNX Runtime refuses a second time)
 
 
 def import_plugin() -> Any:
@@ -56,15 +57,19 @@ def import_plugin() -> Any:
 def cpu_device(ort: Any, plugin: Any) -> Any:
     """The plugin's OrtEpDevice for the CPU, registering the plugin library once per process."""
     with _register_lock:
-        if not any(d.ep_name == EP_NAME for d in ort.get_ep_devices()):
+        # Registered once per process: on a CPU where the plugin offers no device (AMD), the device
+        # list stays empty after registering, and a second registration is an ONNX Runtime error.
+        if EP_NAME not in _registered and not any(d.ep_name == EP_NAME for d in ort.get_ep_devices()):
             if not hasattr(ort, "register_execution_provider_library"):
                 raise BackendUnavailableError(f"onnxruntime {ort.__version__} cannot load execution provider plugins "
                                               "(ONNX Runtime 1.23 or newer can): pip install -U onnxruntime")
             try:
                 ort.register_execution_provider_library(EP_NAME, plugin.get_library_path())
             except Exception as e:  # onnxruntime raises its own pybind exception types
-                raise BackendUnavailableError(f"ONNX Runtime could not load the OpenVINO plugin "
-                                              f"{plugin.get_library_path()}: {e}") from e
+                if "already registered" not in str(e):
+                    raise BackendUnavailableError(f"ONNX Runtime could not load the OpenVINO plugin "
+                                                  f"{plugin.get_library_path()}: {e}") from e
+        _registered.add(EP_NAME)
     devices = [d for d in ort.get_ep_devices() if d.ep_name == EP_NAME and d.ep_metadata.get("ov_device") == "CPU"]
     if not devices:
         raise BackendUnavailableError(f"the OpenVINO plugin offers no CPU device here (devices: "
