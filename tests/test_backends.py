@@ -31,6 +31,22 @@ def has_openvino() -> bool:
     return importlib.util.find_spec("onnxruntime_ep_openvino") is not None
 
 
+def openvino_device() -> bool:
+    """The OpenVINO plugin is installed and offers a CPU device (it offers none on AMD CPUs)."""
+    if not has_openvino():
+        return False
+    import onnxruntime
+    import onnxruntime_ep_openvino
+
+    from engine.backends.onnxruntime_openvino import cpu_device
+
+    try:
+        cpu_device(onnxruntime, onnxruntime_ep_openvino)
+    except BackendUnavailableError:
+        return False
+    return True
+
+
 def openvino_bf16() -> bool:
     """The OpenVINO plugin is installed and computes BF16 natively on this CPU."""
     if not has_openvino():
@@ -91,7 +107,7 @@ def test_openvino_without_the_plugin_is_an_error(both: Path) -> None:
         Engine(both, backend="onnxruntime-openvino")
 
 
-@pytest.mark.skipif(not has_openvino(), reason="needs the OpenVINO plugin (pip install onnxruntime-ep-openvino)")
+@pytest.mark.skipif(not openvino_device(), reason="needs the OpenVINO plugin with a CPU device (none on AMD CPUs)")
 def test_openvino_matches_the_cpu_provider_and_pads_to_its_multiple(tmp_path: Path) -> None:
     b = lookup_bundle(tmp_path, **planted(ANSWER), precisions=("fp32", "int8"))
     questions = [f"q{i}?" for i in range(24)]
@@ -111,7 +127,7 @@ def test_openvino_matches_the_cpu_provider_and_pads_to_its_multiple(tmp_path: Pa
         assert np.allclose([a.score for a in g], [a.score for a in w], rtol=1e-4)
 
 
-@pytest.mark.skipif(not has_openvino(), reason="needs the OpenVINO plugin (pip install onnxruntime-ep-openvino)")
+@pytest.mark.skipif(not openvino_device(), reason="needs the OpenVINO plugin with a CPU device (none on AMD CPUs)")
 def test_openvino_refuses_int8_and_bf16_without_native_bf16(both: Path) -> None:
     with pytest.raises(BackendUnavailableError, match="use backend='onnxruntime' for the int8 model"):
         Engine(both, backend="onnxruntime-openvino", precision="int8")
@@ -222,7 +238,7 @@ def test_onnxruntime_cuda_matches_cpu(tmp_path: Path) -> None:
         assert np.allclose([a.score for a in g], [a.score for a in w], rtol=2e-2)
 
 
-@pytest.mark.skipif(not has_openvino(), reason="needs the OpenVINO plugin (pip install onnxruntime-ep-openvino)")
+@pytest.mark.skipif(not openvino_device(), reason="needs the OpenVINO plugin with a CPU device (none on AMD CPUs)")
 def test_openvino_engine_is_shared_safely_between_threads(both: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -244,7 +260,7 @@ def test_openvino_engine_is_shared_safely_between_threads(both: Path) -> None:
     assert len(results) == 240 and all(results)
 
 
-@pytest.mark.skipif(not has_openvino(), reason="needs the OpenVINO plugin (pip install onnxruntime-ep-openvino)")
+@pytest.mark.skipif(not openvino_device(), reason="needs the OpenVINO plugin with a CPU device (none on AMD CPUs)")
 def test_openvino_warmup_runs_every_padded_length_once(both: Path) -> None:
     with Engine(both, backend="onnxruntime-openvino", precision="fp32", threads=1) as e:
         shapes: list[tuple[int, ...]] = []
@@ -256,7 +272,7 @@ def test_openvino_warmup_runs_every_padded_length_once(both: Path) -> None:
         assert all(s[1] % 16 == 0 or s[1] == e.max_seq_len for s in shapes)
 
 
-@pytest.mark.skipif(not has_openvino() or has_ort_cuda() or importlib.util.find_spec("tensorrt") is not None,
+@pytest.mark.skipif(not openvino_device() or has_ort_cuda() or importlib.util.find_spec("tensorrt") is not None,
                     reason="needs the OpenVINO plugin, and no GPU backend")
 def test_a_graph_openvino_cannot_take_whole_is_unavailable_and_auto_moves_on(both: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import onnxruntime
