@@ -13,7 +13,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +23,7 @@ from typing_extensions import Self
 from engine.backends import BACKENDS, open_backend
 from engine.batcher import Batch, WindowTable, build_batch, plan_batches
 from engine.bundle import PRECISIONS, Bundle, load_bundle
-from engine.errors import EngineClosedError, InvalidInputError, UnknownOptionError
+from engine.errors import CallCancelledError, EngineClosedError, InvalidInputError, RequestTooLargeError, UnknownOptionError, brief
 from engine.postprocess import Answer, Candidates, collect, finalize
 from engine.preprocess import (
     DEFAULT_MAX_QUESTION_LEN,
@@ -43,6 +43,7 @@ logger = logging.getLogger("engine")
 
 GROUP_SIZE = 256  # questions tokenized and answered together (bounds memory for huge calls)
 MAX_TOP_K = 1000  # more answers than this per question is a mistake, not a request
+MAX_TOKENS_OPTION = 1 << 20  # the upper bound of the token-count options (max_answer_len, doc_stride, ...)
 DEFAULT_MAX_ANSWER_LEN = 30
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_CONTEXT_CACHE = 256  # tokenized contexts kept per Engine (0: none), see ContextCache
@@ -117,17 +118,30 @@ def normalize_inputs(question: Any, context: Any) -> tuple[list[str], list[str],
 
 def _int_option(name: str, value: Any, lo: int, hi: int | None = None) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise InvalidInputError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        raise InvalidInputError(f"{name} must be an int, got {type(value).__name__} {brief(value)}")
     value = int(value)
     if value < lo or (hi is not None and value > hi):
         bound = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-        raise InvalidInputError(f"{name} must be {bound}, got {value}")
+        raise InvalidInputError(f"{name} must be {bound}, got {brief(value)}")
     return value
+
+
+def _float_option(name: str, value: Any, lo: float, hi: float) -> float:
+    """A real number in [lo, hi]: ints of any size, floats, NumPy scalars; never OverflowError."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InvalidInputError(f"{name} must be a number between {lo:g} and {hi:g}, got {type(value).__name__} {brief(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        number = math.inf if value > 0 else -math.inf
+    if not lo <= number <= hi:  # NaN fails both comparisons
+        raise InvalidInputError(f"{name} must be a finite number between {lo:g} and {hi:g}, got {brief(value)}")
+    return number
 
 
 def _bool_option(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
-        raise InvalidInputError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+        raise InvalidInputError(f"{name} must be True or False, got {type(value).__name__} {brief(value)}")
     return bool(value)
 
 
@@ -147,7 +161,7 @@ class Options:
                 + "; known: top_k, max_answer_len, handle_impossible (or handle_impossible_answer), null_threshold, "
                 "doc_stride, max_seq_len, max_question_len, align_to_words")
         self.top_k = _int_option("top_k", top_k, 1, MAX_TOP_K)
-        self.max_answer_len = _int_option("max_answer_len", max_answer_len, 1)
+        self.max_answer_len = _int_option("max_answer_len", max_answer_len, 1, MAX_TOKENS_OPTION)
         hi = _bool_option("handle_impossible", handle_impossible)
         if handle_impossible_answer is not None:
             hia = _bool_option("handle_impossible_answer", handle_impossible_answer)
@@ -155,14 +169,12 @@ class Options:
                 raise InvalidInputError("handle_impossible=True and handle_impossible_answer=False disagree; pass one of them")
             hi = hia
         self.handle_impossible = hi
-        if isinstance(null_threshold, (bool, np.bool_)) or not isinstance(null_threshold, (int, float, np.floating, np.integer)) \
-                or not math.isfinite(float(null_threshold)):
-            raise InvalidInputError(f"null_threshold must be a finite number, got {null_threshold!r}")
-        self.null_threshold = float(null_threshold)
+        # A difference of two probabilities: beyond +-1 every value means the same (always / never null).
+        self.null_threshold = _float_option("null_threshold", null_threshold, -1.0, 1.0)
         self.max_seq_len = engine_max_seq_len if max_seq_len is None else _int_option(
             "max_seq_len", max_seq_len, num_special + 2, engine_max_seq_len)
-        self.doc_stride = None if doc_stride is None else _int_option("doc_stride", doc_stride, 0)
-        self.max_question_len = _int_option("max_question_len", max_question_len, 1)
+        self.doc_stride = None if doc_stride is None else _int_option("doc_stride", doc_stride, 0, MAX_TOKENS_OPTION)
+        self.max_question_len = _int_option("max_question_len", max_question_len, 1, MAX_TOKENS_OPTION)
         self.align_to_words = _bool_option("align_to_words", align_to_words)
 
 
@@ -179,23 +191,28 @@ class Engine:
     ``max_batch_tokens``: padded tokens per model run (windows x the longest of them); None takes
     the backend's measured default (the CPU backends: 1024; GPU backends: no limit beyond
     ``max_batch_size``). Windows are sorted by length and cut by both limits.
+    ``max_windows``: the most model windows one question's context may need (None: no limit); a
+    longer context is a ``RequestTooLargeError`` raised after tokenization, before any model work
+    (a service's bound on the work one request may cause).
     One Engine is safe to share between threads; ``close()`` (or ``with``) frees it.
     """
 
     def __init__(self, bundle: str | os.PathLike[str] | Bundle, *, backend: str = "auto", precision: str | None = None,
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, threads: int | None = None, device_id: int = 0,
-                 context_cache: int = DEFAULT_CONTEXT_CACHE, max_batch_tokens: int | None = None) -> None:
+                 context_cache: int = DEFAULT_CONTEXT_CACHE, max_batch_tokens: int | None = None,
+                 max_windows: int | None = None) -> None:
         if not isinstance(backend, str) or backend not in ("auto", *BACKENDS):
-            raise InvalidInputError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}, got {backend!r}")
+            raise InvalidInputError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}, got {brief(backend)}")
         if precision is not None and precision not in ENGINE_PRECISIONS:
-            raise InvalidInputError(f"precision must be None or one of {', '.join(ENGINE_PRECISIONS)}, got {precision!r}")
+            raise InvalidInputError(f"precision must be None or one of {', '.join(ENGINE_PRECISIONS)}, got {brief(precision)}")
         max_batch_size = _int_option("max_batch_size", max_batch_size, 1, 4096)
         if threads is not None:
             threads = _int_option("threads", threads, 1, 1024)
-        device_id = _int_option("device_id", device_id, 0)
+        device_id = _int_option("device_id", device_id, 0, 1023)
         context_cache = _int_option("context_cache", context_cache, 0, 1_000_000)
         if max_batch_tokens is not None:
             max_batch_tokens = _int_option("max_batch_tokens", max_batch_tokens, 1, 1 << 24)
+        self.max_windows = None if max_windows is None else _int_option("max_windows", max_windows, 1, 1 << 24)
         if isinstance(bundle, Bundle):
             self.bundle = bundle
         elif isinstance(bundle, (str, os.PathLike)):
@@ -273,10 +290,13 @@ class Engine:
                      max_answer_len: int = DEFAULT_MAX_ANSWER_LEN, handle_impossible: bool = False,
                      handle_impossible_answer: bool | None = None, null_threshold: float = 0.0, doc_stride: int | None = None,
                      max_seq_len: int | None = None, max_question_len: int = DEFAULT_MAX_QUESTION_LEN,
-                     align_to_words: bool = True, **unknown: Any) -> list[list[Answer]]:
+                     align_to_words: bool = True, should_stop: Callable[[], bool] | None = None,
+                     **unknown: Any) -> list[list[Answer]]:
         """Answer many questions in one call: per question, its answers best first (up to top_k).
 
         Same options as ``answer``; windows of all questions are batched together.
+        ``should_stop``: called before each model batch; when it returns True the call stops with
+        ``CallCancelledError`` (a service whose callers gave up stops computing their windows).
         """
         if not isinstance(questions, (list, tuple)):
             raise InvalidInputError(f"questions must be a list of str, got {type(questions).__name__}")
@@ -285,7 +305,9 @@ class Engine:
                        handle_impossible=handle_impossible, handle_impossible_answer=handle_impossible_answer,
                        null_threshold=null_threshold, doc_stride=doc_stride, max_seq_len=max_seq_len,
                        max_question_len=max_question_len, align_to_words=align_to_words, unknown=unknown)
-        return self._answer_all(qs, cs, opts, False)
+        if should_stop is not None and not callable(should_stop):
+            raise InvalidInputError(f"should_stop must be None or a callable returning bool, got {type(should_stop).__name__}")
+        return self._answer_all(qs, cs, opts, False, should_stop)
 
     def warmup(self) -> None:
         """Run a one-window call and a full batch once, so the first real call pays no set-up; on
@@ -352,12 +374,14 @@ class Engine:
             s["model"] += model
             s["decode"] += decode
 
-    def _answer_all(self, questions: list[str], contexts: list[str], opts: Options, single: bool) -> list[list[Answer]]:
+    def _answer_all(self, questions: list[str], contexts: list[str], opts: Options, single: bool,
+                    should_stop: Callable[[], bool] | None = None) -> list[list[Answer]]:
         self._enter()
         try:
             out: list[list[Answer]] = []
             for lo in range(0, len(questions), GROUP_SIZE):
-                out.extend(self._answer_group(questions[lo : lo + GROUP_SIZE], contexts[lo : lo + GROUP_SIZE], opts, lo, single))
+                out.extend(self._answer_group(questions[lo : lo + GROUP_SIZE], contexts[lo : lo + GROUP_SIZE], opts, lo, single,
+                                              should_stop))
             return out
         finally:
             self._leave()
@@ -387,12 +411,18 @@ class Engine:
             if len(ctx.ids) == 0:
                 raise InvalidInputError(f"{'context' if single else f'context[{offset + i}]'} has no tokens the model "
                                         "knows (only control or unknown characters); pass a context in words")
-            examples.append(make_example(self._template, q, ctx, max_seq_len=opts.max_seq_len,
-                                         max_question_len=opts.max_question_len, doc_stride=opts.doc_stride))
+            example = make_example(self._template, q, ctx, max_seq_len=opts.max_seq_len,
+                                   max_question_len=opts.max_question_len, doc_stride=opts.doc_stride)
+            if self.max_windows is not None and len(example.window_starts) > self.max_windows:
+                raise RequestTooLargeError(
+                    f"{'context' if single else f'context[{offset + i}]'} needs {len(example.window_starts)} model windows "
+                    f"({len(ctx.ids)} tokens), more than this Engine's max_windows={self.max_windows}; send a shorter "
+                    "context (split the document and ask each part), or raise max_windows")
+            examples.append(example)
         return examples
 
     def _answer_group(self, questions: list[str], contexts: list[str], opts: Options, offset: int,
-                      single: bool) -> list[list[Answer]]:
+                      single: bool, should_stop: Callable[[], bool] | None = None) -> list[list[Answer]]:
         t0 = time.perf_counter()
         examples = self._prepare(questions, contexts, opts, offset, single)
         table = WindowTable.from_examples(examples, self._template)
@@ -406,6 +436,8 @@ class Engine:
         for rows in plan_batches(table.length, self.max_batch_size, self.max_batch_tokens,
                                  self._backend.call_cost_tokens):
             self._check_open()
+            if should_stop is not None and should_stop():
+                raise CallCancelledError("the call was stopped before its next model batch (should_stop returned True)")
             t0 = time.perf_counter()
             batch = build_batch(examples, table, rows, self._template, self._pad_id, backend.pad_multiple, self.max_seq_len)
             feeds = batch.feeds(backend.input_names, backend.input_dtypes)

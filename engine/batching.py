@@ -30,20 +30,23 @@ from typing import Any
 
 from engine.api import Engine, Result, normalize_inputs
 from engine.bundle import Bundle
-from engine.errors import EngineClosedError, InvalidInputError, SpanRTError, UnknownOptionError
+from engine.errors import CallCancelledError, EngineClosedError, InvalidInputError, SpanRTError, UnknownOptionError, brief
 
-__all__ = ["BatchingEngine", "QueueFullError", "RequestTimeoutError"]
+__all__ = ["BatchingEngine", "QueueFullError", "RequestTimeoutError", "WorkerDiedError"]
 
 logger = logging.getLogger("engine")
 
 DEFAULT_MAX_DELAY_MS = 2.0
 DEFAULT_MAX_QUEUE_SIZE = 1024
 DEFAULT_TIMEOUT_S = 30.0
+MAX_DELAY_MS = 60_000.0  # a minute: waiting longer for batch mates is a mistake, not a setting
+MAX_TIMEOUT_S = 86_400.0  # a day (and below threading.TIMEOUT_MAX); None means no limit
 
-# The answering options and their defaults, read off Engine.answer_batch (one source of truth).
+# The answering options and their defaults, read off Engine.answer_batch (one source of truth);
+# should_stop is not an option of a call but how this module stops the calls nobody waits for.
 _OPTION_DEFAULTS: dict[str, Any] = {
     name: p.default for name, p in inspect.signature(Engine.answer_batch).parameters.items()
-    if p.kind is inspect.Parameter.KEYWORD_ONLY
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "should_stop"
 }
 
 
@@ -53,6 +56,11 @@ class QueueFullError(SpanRTError, RuntimeError):
 
 class RequestTimeoutError(SpanRTError, TimeoutError):
     """A call was not answered within its timeout (it was dropped if it had not started)."""
+
+
+class WorkerDiedError(SpanRTError, RuntimeError):
+    """A batching worker thread stopped on an unexpected error: every waiting and later call
+    fails with this error, and ``healthy`` is False; create a new BatchingEngine."""
 
 
 _USE_DEFAULT: Any = object()  # "timeout not given": use the engine's timeout_s
@@ -66,6 +74,7 @@ class _Request:
     key: Hashable
     future: concurrent.futures.Future[Result]
     enqueued: float = field(default_factory=time.perf_counter)
+    abandoned: bool = False  # its caller stopped waiting (timeout): its windows need not be computed
 
 
 def _options_key(options: dict[str, Any]) -> Hashable:
@@ -108,8 +117,8 @@ class BatchingEngine:
                                                 else max_batch_size, 4096)
             self.max_queue_size = _positive_int("max_queue_size", max_queue_size, 1 << 24)
             self.workers = _positive_int("workers", workers, 64)
-            self.max_delay_s = _seconds("max_delay_ms", max_delay_ms, allow_none=False) / 1000.0
-            self.timeout_s = _seconds("timeout_s", timeout_s, allow_none=True)
+            self.max_delay_s = _seconds("max_delay_ms", max_delay_ms, MAX_DELAY_MS, allow_none=False) / 1000.0
+            self.timeout_s = _seconds("timeout_s", timeout_s, MAX_TIMEOUT_S, allow_none=True)
         except InvalidInputError:
             if self._owns_engine:
                 self.engine.close()
@@ -117,8 +126,9 @@ class BatchingEngine:
         self._cond = threading.Condition()
         self._queue: deque[_Request] = deque()
         self._closing = False
+        self._failure: WorkerDiedError | None = None
         self._stats = {"submitted": 0, "answered": 0, "failed": 0, "rejected": 0, "timed_out": 0, "batches": 0,
-                       "batched_requests": 0, "largest_batch": 0, "retried_alone": 0}
+                       "batched_requests": 0, "largest_batch": 0, "retried_alone": 0, "cancelled": 0}
         self._threads = [threading.Thread(target=self._worker, name=f"spanrt-batching-{i}", daemon=True)
                          for i in range(self.workers)]
         for t in self._threads:
@@ -132,28 +142,33 @@ class BatchingEngine:
         defaults to the engine's ``timeout_s``. Options are ``Engine.answer``'s.
         """
         timeout = self._timeout(timeout)
-        future = self._submit(question, context, options)
+        request = self._submit(question, context, options)
         try:
-            return future.result(timeout)
+            return request.future.result(timeout)
         except concurrent.futures.TimeoutError:
-            raise self._timed_out(future, timeout) from None
+            raise self._timed_out(request, timeout) from None
 
     async def answer_async(self, question: str, context: str, *, timeout: float | None = _USE_DEFAULT,
                            **options: Any) -> Result:
         """``answer`` for asyncio: the event loop keeps running while the batch is answered."""
         timeout = self._timeout(timeout)
-        future = self._submit(question, context, options)
+        request = self._submit(question, context, options)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+            return await asyncio.wait_for(asyncio.wrap_future(request.future), timeout)
         except asyncio.TimeoutError:  # wait_for's (builtins.TimeoutError from Python 3.11 on)
-            raise self._timed_out(future, timeout) from None
+            raise self._timed_out(request, timeout) from None
+        except asyncio.CancelledError:  # the task was cancelled: nobody waits for this answer
+            request.abandoned = True
+            raise
 
     def stats(self) -> dict[str, float]:
-        """Counters since creation: calls submitted/answered/failed/rejected/timed out, batches run,
-        mean and largest batch, calls retried alone after their batch failed, and the queue depth."""
+        """Counters since creation: calls submitted/answered/failed/rejected/timed out, calls whose
+        model work stopped because their callers gave up (cancelled), batches run, mean and largest
+        batch, calls retried alone after their batch failed, the queue depth, and ``healthy``."""
         with self._cond:
             s: dict[str, float] = dict(self._stats)
             s["queued"] = len(self._queue)
+            s["healthy"] = self._failure is None
         s["mean_batch"] = s["batched_requests"] / s["batches"] if s["batches"] else 0.0
         return s
 
@@ -161,6 +176,16 @@ class BatchingEngine:
     def closed(self) -> bool:
         """True once ``close()`` was called."""
         return self._closing
+
+    @property
+    def healthy(self) -> bool:
+        """False once a worker thread died (see ``failure``): no call can be answered any more."""
+        return self._failure is None
+
+    @property
+    def failure(self) -> WorkerDiedError | None:
+        """Why the workers stopped, or None while they run."""
+        return self._failure
 
     def close(self, *, drain: bool = True) -> None:
         """Stop taking calls; answer the waiting ones (``drain=True``) or fail them with
@@ -189,9 +214,9 @@ class BatchingEngine:
 
     # ---- submitting ---------------------------------------------------------------------------
     def _timeout(self, timeout: Any) -> float | None:
-        return self.timeout_s if timeout is _USE_DEFAULT else _seconds("timeout", timeout, allow_none=True)
+        return self.timeout_s if timeout is _USE_DEFAULT else _seconds("timeout", timeout, MAX_TIMEOUT_S, allow_none=True)
 
-    def _submit(self, question: Any, context: Any, options: dict[str, Any]) -> concurrent.futures.Future[Result]:
+    def _submit(self, question: Any, context: Any, options: dict[str, Any]) -> _Request:
         if isinstance(question, (list, tuple)) or isinstance(context, (list, tuple)):
             raise InvalidInputError("BatchingEngine.answer takes one question and one context (str); for lists of "
                                     "questions call Engine.answer_batch, which batches them already")
@@ -202,6 +227,8 @@ class BatchingEngine:
         full = {**_OPTION_DEFAULTS, **options}
         request = _Request(question, context, full, _options_key(full), concurrent.futures.Future())
         with self._cond:
+            if self._failure is not None:
+                raise self._failure
             if self._closing:
                 raise EngineClosedError("this BatchingEngine was closed; create a new one to answer more questions")
             if len(self._queue) >= self.max_queue_size:
@@ -213,10 +240,11 @@ class BatchingEngine:
             self._stats["submitted"] += 1
             self._cond.notify()
         request.future.add_done_callback(lambda f: self._dequeue_if_cancelled(request))
-        return request.future
+        return request
 
-    def _timed_out(self, future: concurrent.futures.Future[Result], timeout: float | None) -> RequestTimeoutError:
-        dropped = future.cancel()  # succeeds only while the call is still waiting in the queue
+    def _timed_out(self, request: _Request, timeout: float | None) -> RequestTimeoutError:
+        request.abandoned = True  # a running batch stops once all of its callers gave up
+        dropped = request.future.cancel()  # succeeds only while the call is still waiting in the queue
         with self._cond:
             self._stats["timed_out"] += 1
         where = "still queued; it was dropped" if dropped else "its batch was running; the answer is discarded"
@@ -267,26 +295,51 @@ class BatchingEngine:
                     return batch
 
     def _worker(self) -> None:
-        while True:
-            batch = self._take()
-            if batch is None:
-                return
-            groups: dict[Hashable, list[_Request]] = {}
-            for r in batch:
-                groups.setdefault(r.key, []).append(r)
-            for group in groups.values():
-                try:
-                    self._run(group)
-                except BaseException as e:  # never leave a caller waiting, whatever happened
-                    logger.exception("spanrt batching worker: unexpected error")
-                    self._finish(group, error=e)
+        batch: list[_Request] = []
+        try:
+            while True:
+                batch = self._take() or []
+                if not batch:
+                    return
+                groups: dict[Hashable, list[_Request]] = {}
+                for r in batch:
+                    groups.setdefault(r.key, []).append(r)
+                for group in groups.values():
+                    try:
+                        self._run(group)
+                    except Exception as e:  # never leave a caller waiting, whatever happened
+                        logger.exception("spanrt batching worker: unexpected error")
+                        self._finish(group, error=e)
+        except BaseException as e:  # the worker itself broke: fail everything now and later, loudly
+            self._die(e, batch)
+
+    def _die(self, error: BaseException, batch: list[_Request]) -> None:
+        logger.critical("spanrt batching worker %s died: %r", threading.current_thread().name, error, exc_info=error)
+        failure = WorkerDiedError(f"the batching worker stopped on an unexpected error ({type(error).__name__}: {error}); "
+                                  "no call can be answered by this BatchingEngine any more: close it and create a new one")
+        failure.__cause__ = error
+        with self._cond:
+            if self._failure is None:
+                self._failure = failure
+            self._fail_queued(self._failure)
+            self._cond.notify_all()
+        for r in batch:  # calls this worker had taken but not answered
+            if r.future.done():
+                continue
+            r.future.set_exception(self._failure)
+            with self._cond:
+                self._stats["failed"] += 1
 
     def _run(self, group: list[_Request]) -> None:
         options = group[0].options
         try:
-            ranked = self.engine.answer_batch([r.question for r in group], [r.context for r in group], **options)
+            ranked = self.engine.answer_batch([r.question for r in group], [r.context for r in group], **options,
+                                              should_stop=lambda: all(r.abandoned for r in group))
         except EngineClosedError as e:
             self._finish(group, error=e)
+            return
+        except CallCancelledError as e:  # every caller of the group gave up: its windows were dropped
+            self._finish(group, error=e, counter="cancelled")
             return
         except Exception as e:
             if len(group) == 1:
@@ -305,7 +358,8 @@ class BatchingEngine:
         top1 = options["top_k"] == 1
         self._finish(group, results=[answers[0] if top1 else answers for answers in ranked])
 
-    def _finish(self, group: list[_Request], *, results: list[Result] | None = None, error: BaseException | None = None) -> None:
+    def _finish(self, group: list[_Request], *, results: list[Result] | None = None, error: BaseException | None = None,
+                counter: str = "failed") -> None:
         answered = failed = 0
         for i, r in enumerate(group):
             if r.future.done():
@@ -318,19 +372,26 @@ class BatchingEngine:
                 answered += 1
         with self._cond:
             self._stats["answered"] += answered
-            self._stats["failed"] += failed
+            self._stats[counter] += failed
 
 
 def _positive_int(name: str, value: Any, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
-        raise InvalidInputError(f"{name} must be an int between 1 and {hi}, got {value!r}")
+        raise InvalidInputError(f"{name} must be an int between 1 and {hi}, got {brief(value)}")
     return value
 
 
-def _seconds(name: str, value: Any, *, allow_none: bool) -> Any:
+def _seconds(name: str, value: Any, hi: float, *, allow_none: bool) -> Any:
+    """A duration in [0, hi]: checked before anything is queued, so no later wait can overflow."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        extra = " or None" if allow_none else ""
-        raise InvalidInputError(f"{name} must be a finite number >= 0{extra}, got {value!r}")
-    return float(value)
+    number = math.nan
+    if not isinstance(value, bool) and isinstance(value, (int, float)):
+        try:
+            number = float(value)
+        except OverflowError:  # an int too large for a float
+            number = math.inf
+    if not 0 <= number <= hi:  # NaN, +-inf and wrong types fail here
+        extra = " (or None for no limit)" if allow_none else ""
+        raise InvalidInputError(f"{name} must be a number between 0 and {hi:g}{extra}, got {brief(value)}")
+    return number

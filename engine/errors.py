@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class SpanRTError(Exception):
     """Base class of every error SpanRT raises on purpose."""
@@ -25,3 +27,18 @@ class EngineClosedError(SpanRTError, RuntimeError):
 
 class UnknownOptionError(InvalidInputError, TypeError):
     """An option name the runtime does not know was passed (a typo, or a pipeline-only option)."""
+
+
+class RequestTooLargeError(InvalidInputError):
+    """One question's context needs more model windows than the Engine's ``max_windows`` allows."""
+
+
+class CallCancelledError(SpanRTError, RuntimeError):
+    """A call's ``should_stop`` callback asked it to stop (its callers gave up); no answer."""
+
+
+def brief(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` for an error message, cut to about ``limit`` characters (a 5,000-digit int
+    or a megabyte string in a message helps nobody)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit // 2]}... ({len(text)} characters)"

@@ -10,9 +10,14 @@ POST /answer  JSON {"question": str, "context": str, optional "top_k", "max_answ
               "handle_impossible", "null_threshold", "doc_stride", "max_seq_len", "max_question_len",
               "align_to_words", "timeout" (seconds)} -> 200 {"answers": [{"answer", "score", "start",
               "end", "impossible", "warnings"}, ...]} best first.
-              400: bad JSON or input; 413: body too large; 503: queue full (Retry-After) or shutting
-              down; 504: not answered within the timeout.
-GET  /healthz -> 200 {"status": "ok", backend, precision, device, queue figures}; 503 when closed.
+              400: bad JSON (also too deeply nested, integers of more than MAX_JSON_DIGITS digits,
+              NaN/Infinity) or input, numbers out of range included;
+              413: body too large, or a context that needs more than --max-windows model windows
+              (the bound on the work one request may cause); 503: queue full (Retry-After),
+              shutting down, or the batching worker died; 504: not answered within the timeout
+              (the rest of its windows are not computed).
+GET  /healthz -> 200 {"status": "ok", backend, precision, device, queue figures}; 503 when closed or
+              when the batching worker died.
 
 Requires ``pip install starlette uvicorn``.
 """
@@ -24,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -33,10 +39,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from engine.batching import BatchingEngine, QueueFullError, RequestTimeoutError
-from engine.errors import EngineClosedError, InvalidInputError
+from engine.batching import BatchingEngine, QueueFullError, RequestTimeoutError, WorkerDiedError
+from engine.errors import EngineClosedError, InvalidInputError, RequestTooLargeError, SpanRTError
 
 DEFAULT_MAX_BODY_BYTES = 2 << 20  # a SQuAD context is a few KB; a whole book is not a request
+# Model windows one request may cause (--max-windows): bytes do not bound work. A SQuAD context
+# needs 1-2 windows; 64 windows of 384 tokens hold ~10,000 context tokens (~50 KB of English).
+DEFAULT_MAX_WINDOWS = 64
+MAX_JSON_DIGITS = 40  # no option needs a longer number
 OPTIONS = ("top_k", "max_answer_len", "handle_impossible", "null_threshold", "doc_stride", "max_seq_len",
            "max_question_len", "align_to_words")
 
@@ -45,6 +55,42 @@ logger = logging.getLogger("spanrt.service")
 
 def _error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": kind, "message": message}, status_code=status, headers=headers)
+
+
+class _BadJSON(ValueError):
+    """The body is not a JSON document this service accepts; the message says why."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _BadJSON(f"{name} is not a JSON number; send finite numbers")
+
+
+def _checked_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_JSON_DIGITS:
+        raise _BadJSON(f"an integer of {len(text.lstrip('-'))} digits (at most {MAX_JSON_DIGITS})")
+    return int(text)
+
+
+def _checked_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _BadJSON(f"the number {text[:20]} is out of range")
+    return value
+
+
+def parse_body(body: bytes) -> Any:
+    """The request's JSON; anything that is not plain, bounded JSON is a _BadJSON with the reason."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _BadJSON(f"the body is not UTF-8 ({e})") from None
+    try:
+        return json.loads(text, parse_constant=_refuse_constant, parse_int=_checked_int,
+                          parse_float=_checked_float)
+    except json.JSONDecodeError as e:
+        raise _BadJSON(f"the body is not JSON: {e}") from None
+    except RecursionError:  # json's C parser counts its nesting against the recursion limit
+        raise _BadJSON("the JSON is nested too deeply; send a flat object") from None
 
 
 def _answers(result: Any) -> list[dict[str, Any]]:
@@ -64,9 +110,9 @@ def create_app(engine: BatchingEngine, *, max_body_bytes: int = DEFAULT_MAX_BODY
         if len(body) > max_body_bytes:
             return _error(413, "too_large", f"request body over {max_body_bytes} bytes")
         try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return _error(400, "bad_json", f"the body is not JSON: {e}")
+            payload = parse_body(body)
+        except _BadJSON as e:
+            return _error(400, "bad_json", str(e))
         if not isinstance(payload, dict):
             return _error(400, "bad_request", "the body must be a JSON object with 'question' and 'context'")
         unknown = sorted(set(payload) - {"question", "context", "timeout", *OPTIONS})
@@ -79,6 +125,8 @@ def create_app(engine: BatchingEngine, *, max_body_bytes: int = DEFAULT_MAX_BODY
         timeout = payload.get("timeout", engine.timeout_s)
         try:
             result = await engine.answer_async(payload["question"], payload["context"], timeout=timeout, **options)
+        except RequestTooLargeError as e:
+            return _error(413, "too_much_work", str(e))
         except InvalidInputError as e:
             return _error(400, "invalid_input", str(e))
         except QueueFullError as e:
@@ -87,11 +135,15 @@ def create_app(engine: BatchingEngine, *, max_body_bytes: int = DEFAULT_MAX_BODY
             return _error(504, "timeout", str(e))
         except EngineClosedError as e:
             return _error(503, "shutting_down", str(e))
+        except WorkerDiedError as e:
+            return _error(503, "worker_died", str(e))
         return JSONResponse({"answers": _answers(result)})
 
     async def healthz(request: Request) -> JSONResponse:
         if engine.closed:
             return _error(503, "shutting_down", "the engine is closed")
+        if not engine.healthy:
+            return _error(503, "worker_died", str(engine.failure))
         stats = engine.stats()
         eng = engine.engine
         return JSONResponse({"status": "ok", "backend": eng.backend, "precision": eng.precision, "device": eng.device,
@@ -123,6 +175,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-queue-size", type=int, default=1024, help="waiting calls before 503 (default 1024)")
     p.add_argument("--timeout-s", type=float, default=30.0, help="default per-request timeout (default 30)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    p.add_argument("--max-windows", type=int, default=DEFAULT_MAX_WINDOWS,
+                   help=f"model windows one request's context may need; more is HTTP 413 (default {DEFAULT_MAX_WINDOWS})")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p.parse_args(argv)
 
@@ -138,9 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         from engine.default_model import default_bundle
 
         model = default_bundle()
-    engine = BatchingEngine(model, backend=args.backend, precision=args.precision, threads=args.threads,
-                            max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
-                            max_queue_size=args.max_queue_size, timeout_s=args.timeout_s)
+    try:
+        engine = BatchingEngine(model, backend=args.backend, precision=args.precision, threads=args.threads,
+                                max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
+                                max_queue_size=args.max_queue_size, timeout_s=args.timeout_s, max_windows=args.max_windows)
+    except SpanRTError as e:  # a bad setting or bundle: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     engine.engine.warmup()
     logger.info("serving %r on http://%s:%d", engine, args.host, args.port)
     app = create_app(engine, max_body_bytes=args.max_body_bytes)

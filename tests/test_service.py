@@ -113,6 +113,16 @@ def test_concurrent_requests_share_batches(engine: BatchingEngine) -> None:
     (b'{"question": "Where?", "context": "ship", "top_k": 0}', 400, "invalid_input"),
     (b'{"question": 7, "context": "ship"}', 400, "invalid_input"),
     (b'{"question": "Where?", "context": "ship", "timeout": "soon"}', 400, "invalid_input"),
+    # hostile bodies (issue 19): each was a 500 before
+    (b"[" * 100_000 + b"]" * 100_000, 400, "bad_json"),
+    (b'{"question": "Where?", "context": "ship", "top_k": ' + b"9" * 5000 + b"}", 400, "bad_json"),
+    (b'{"question": "Where?", "context": "ship", "null_threshold": 1e400}', 400, "bad_json"),
+    (b'{"question": "Where?", "context": "ship", "null_threshold": NaN}', 400, "bad_json"),
+    (b'{"question": "Where?", "context": "ship", "timeout": ' + b"9" * 39 + b"}", 400, "invalid_input"),
+    (b'{"question": "Where?", "context": "ship", "timeout": 1e300}', 400, "invalid_input"),
+    (b'{"question": "Where?", "context": "ship", "null_threshold": ' + b"9" * 39 + b"}", 400, "invalid_input"),
+    (b'{"question": "Where?", "context": "ship", "max_answer_len": 1e30}', 400, "invalid_input"),
+    (b'{"question": [[[[["Where?"]]]]], "context": "ship"}', 400, "invalid_input"),
 ])
 def test_bad_requests_are_400_with_the_reason(engine: BatchingEngine, body: bytes, status: int, kind: str) -> None:
     with Server(create_app(engine)) as srv, httpx.Client(base_url=srv.url, timeout=20) as client:
@@ -202,3 +212,37 @@ def _serve_one_request_then_stop(proc: subprocess.Popen[bytes], port: int) -> No
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_work_per_request_is_bounded_and_a_dead_worker_shows_in_health(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    long_context = " ".join(["The crew mended sails and counted stores."] * 80) + " " + CONTEXT
+    be = BatchingEngine(Engine(bundle, backend="onnxruntime", threads=1, max_windows=3), max_delay_ms=0)
+    try:
+        with Server(create_app(be)) as srv, httpx.Client(base_url=srv.url, timeout=20) as client:
+            r = client.post("/answer", json={"question": "Where?", "context": long_context})
+            assert (r.status_code, r.json()["error"]) == (413, "too_much_work")
+            assert "max_windows=3" in r.json()["message"]
+            assert client.post("/answer", json={"question": "Where?", "context": CONTEXT}).status_code == 200
+            assert client.get("/healthz").json()["status"] == "ok"
+
+            def broken(*args: Any, **kwargs: Any) -> Any:
+                raise SystemExit("worker thread torn down")  # not an Exception: it ends the worker
+
+            monkeypatch.setattr(be.engine, "answer_batch", broken)
+            r = client.post("/answer", json={"question": "Where?", "context": CONTEXT})
+            assert (r.status_code, r.json()["error"]) == (503, "worker_died")
+            h = client.get("/healthz")
+            assert (h.status_code, h.json()["error"]) == (503, "worker_died")
+            r = client.post("/answer", json={"question": "Where?", "context": CONTEXT})
+            assert (r.status_code, r.json()["error"]) == (503, "worker_died")
+    finally:
+        be.close()
+        be.engine.close()
+
+
+def test_command_line_settings_out_of_range_are_one_line_errors(bundle: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "examples.service", "--model", str(bundle), "--backend", "onnxruntime", "--threads", "1",
+         "--max-delay-ms", "1e13"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "error: max_delay_ms must be a number between 0 and 60000" in proc.stderr and "Traceback" not in proc.stderr
