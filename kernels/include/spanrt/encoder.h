@@ -1,16 +1,17 @@
-// SpanRT's native CPU encoder: a BERT-family post-LayerNorm transformer with a span head, run
-// with Intel AMX tiles. Linear layers in INT8 (per-token dynamic activation scales, per-channel
-// weight scales, int32 accumulation) or BF16 (fp32 accumulation); attention in BF16 with an fp32
-// softmax; LayerNorm, GELU and the residual adds in fp32.
+// SpanRT's native CPU encoder: a BERT-family post-LayerNorm transformer with a span head, on every
+// CPU. Linear layers in INT8 (per-token dynamic activation scales, per-channel weight scales, int32
+// accumulation), BF16 (fp32 accumulation, where the CPU computes bf16 natively) or FP32; LayerNorm,
+// GELU and the residual adds in fp32; attention in fp32 (bf16 tiles on AMX).
+//
+// The instruction-set path is chosen at construction (kernels/encoder/cpu_features.h): amx,
+// avx512_vnni, avx2 (AVX-VNNI where present), neon (sdot) or generic C++. One build runs on every
+// CPU of its architecture: each path's kernels are compiled with their own flags and called only
+// where the CPU has them.
 //
 // Padding is never computed: the windows of a batch are packed token after token (every window's
 // attention mask must be ones then zeros), so the linear layers cost the real tokens only and
 // attention runs per window on its own length. A window's logits therefore do not depend on the
-// other windows in its batch, or on the batch's padding, at any precision.
-//
-// Needs AMX-TILE, AMX-INT8, AMX-BF16 and AVX-512 (F, BW, VL, DQ, BF16): Intel Xeon Sapphire
-// Rapids and newer. engine._kernels.amx_status() checks the CPU and asks Linux for the AMX tile
-// state before engine._encoder (built with those instruction sets) may be imported.
+// other windows in its batch, on the batch's padding, or on the thread count, on every path.
 #pragma once
 
 #include <cstdint>
@@ -35,7 +36,6 @@ struct EncoderConfig {
   float layer_norm_eps = 1e-12f;
 };
 
-// kFp32: the same model in fp32 with AVX-512 FMA (no AMX): PyTorch's numbers to float rounding.
 enum class LinearPrecision { kInt8, kBf16, kFp32 };
 
 // A float32 tensor handed over by the caller (row-major); the encoder copies what it keeps.
@@ -55,8 +55,11 @@ using WeightMap = std::map<std::string, TensorView>;
 
 class Encoder {
  public:
-  // Throws std::invalid_argument for a missing or mis-shaped weight or a bad config.
-  Encoder(const EncoderConfig& config, const WeightMap& weights, LinearPrecision precision, int threads);
+  // `isa`: a path name ("amx", "avx512_vnni", "avx2", "neon", "generic") or "" for the best this
+  // CPU runs. Throws std::invalid_argument for a missing or mis-shaped weight, a bad config or an
+  // unknown path name, and std::runtime_error for a path this CPU cannot run or a precision the
+  // path does not compute (the message says why).
+  Encoder(const EncoderConfig& config, const WeightMap& weights, LinearPrecision precision, int threads, const std::string& isa = "");
   ~Encoder();
   Encoder(const Encoder&) = delete;
   Encoder& operator=(const Encoder&) = delete;
@@ -71,6 +74,9 @@ class Encoder {
   const EncoderConfig& config() const;
   LinearPrecision precision() const;
   int threads() const;
+  const char* isa() const;             // the path taken
+  const char* linear_layers() const;   // how the linear layers run on it
+  const char* attention() const;       // how attention runs on it
 
  private:
   struct Impl;

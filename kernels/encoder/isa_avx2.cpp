@@ -1,0 +1,182 @@
+// The native encoder on AVX2 + FMA (Intel Haswell and newer, AMD Zen 1 and newer). Compiled with
+// -mavx2 -mfma -mf16c. On CPUs with AVX-VNNI (Alder Lake and later client chips, Zen 5) the int8
+// GEMM comes from isa_avxvnni.cpp instead.
+//
+// int8 without VNNI: vpmaddubsw would saturate (255 * 127 * 2 > 32767), the trap behind wrong
+// BERT answers on AVX2 CPUs in other runtimes. Here both operands are int16 instead (activations
+// quantized straight to int16, weights widened at packing) and vpmaddwd adds pairs of int16
+// products into int32: |q| <= 127, so a pair is at most 2 * 127 * 127 = 32258 and the sums are
+// exact. Register block 6 rows x 16 columns (12 ymm accumulators).
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "microkernels.h"
+
+namespace spanrt {
+namespace encoder {
+namespace avx2 {
+namespace {
+
+#include "rowops.inc"
+
+inline __m256i tail_mask8(int64_t left) {
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left < 8 ? left : 8)), idx);
+}
+
+// ---- fp32: 6 rows x 16 columns -----------------------------------------------------------------
+constexpr int64_t kF32Nb = 16;
+constexpr int64_t kF32Mr = 6;
+
+template <int MR>
+void f32_block_t(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, const float* bias, int64_t ncols, float* out,
+                 int64_t ldo) {
+  __m256 acc[MR][2];
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(b + k * ldb), b1 = _mm256_loadu_ps(b + k * ldb + 8);
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      const __m256 av = _mm256_broadcast_ss(a + i * lda + k);
+      acc[i][0] = _mm256_fmadd_ps(av, b0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(av, b1, acc[i][1]);
+    }
+  }
+  for (int v = 0; v < 2; ++v) {
+    if (8 * v >= ncols) break;
+    const __m256i mk = tail_mask8(ncols - 8 * v);
+    const __m256 bv = bias != nullptr ? _mm256_maskload_ps(bias + 8 * v, mk) : _mm256_setzero_ps();
+    for (int i = 0; i < MR; ++i) _mm256_maskstore_ps(out + i * ldo + 8 * v, mk, _mm256_add_ps(acc[i][v], bv));
+  }
+}
+
+void f32_block(int64_t mr, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, const float* bias, int64_t ncols, float* out,
+               int64_t ldo) {
+  switch (mr) {
+    case 6: f32_block_t<6>(a, lda, b, ldb, K, bias, ncols, out, ldo); break;
+    case 5: f32_block_t<5>(a, lda, b, ldb, K, bias, ncols, out, ldo); break;
+    case 4: f32_block_t<4>(a, lda, b, ldb, K, bias, ncols, out, ldo); break;
+    case 3: f32_block_t<3>(a, lda, b, ldb, K, bias, ncols, out, ldo); break;
+    case 2: f32_block_t<2>(a, lda, b, ldb, K, bias, ncols, out, ldo); break;
+    default: f32_block_t<1>(a, lda, b, ldb, K, bias, ncols, out, ldo); break;
+  }
+}
+
+#include "f32ops.inc"
+
+// ---- int8 as int16 pairs: 6 rows x 16 columns, vpmaddwd ------------------------------------------
+constexpr int64_t kI8Nb = 16;
+constexpr int64_t kI8Mr = 6;
+constexpr int64_t kI8G = 2;
+
+size_t i8_packed_bytes(int64_t n_pad, int64_t k_pad) { return sizeof(int16_t) * static_cast<size_t>(n_pad * k_pad); }
+
+void i8_pack(const void* src, int64_t out, int64_t in, int64_t k_pad, int64_t, void* dst, int32_t*) {
+  const int8_t* q = static_cast<const int8_t*>(src);
+  int16_t* d = static_cast<int16_t*>(dst);
+  for (int64_t n = 0; n < out; ++n)
+    for (int64_t k = 0; k < in; ++k) d[(((n / kI8Nb) * (k_pad / kI8G) + k / kI8G) * kI8Nb + n % kI8Nb) * kI8G + k % kI8G] = q[n * in + k];
+}
+
+template <int MR>
+void i8_block_t(const LinearView& L, const int16_t* a, int64_t lda, const float* a_scale, const int16_t* panel, int64_t n0, Epilogue ep,
+                float* out, int64_t ldo) {
+  __m256i acc[MR][2];
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+  const int64_t groups = L.k_pad / kI8G;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int16_t* bp = panel + g * kI8Nb * kI8G;
+    const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(bp)),
+                  b1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(bp + 16));
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      int32_t pair;
+      std::memcpy(&pair, a + i * lda + g * kI8G, 4);
+      const __m256i av = _mm256_set1_epi32(pair);
+      acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(av, b0));
+      acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(av, b1));
+    }
+  }
+  const int64_t ncols = ro_min(kI8Nb, L.out - n0);
+  for (int v = 0; v < 2; ++v) {
+    if (8 * v >= ncols) break;
+    const int64_t n = n0 + 8 * v;
+    const __m256i mk = tail_mask8(ncols - 8 * v);
+    const __m256 ws = _mm256_loadu_ps(L.scale + n);
+    const __m256 bias = _mm256_loadu_ps(L.bias + n);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 x = _mm256_cvtepi32_ps(acc[i][v]);
+      _mm256_maskstore_ps(out + i * ldo + n, mk, _mm256_fmadd_ps(x, _mm256_mul_ps(ws, _mm256_set1_ps(a_scale[i])), bias));
+    }
+  }
+  if (ep == Epilogue::kBiasGelu)
+    for (int i = 0; i < MR; ++i) ro_gelu_inplace(out + i * ldo + n0, ncols);
+}
+
+void i8_gemm(const LinearView& L, const void* a, int64_t lda, const float* a_scale, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1,
+             Epilogue ep, float* out, int64_t ldo) {
+  const int16_t* x = static_cast<const int16_t*>(a);
+  const int16_t* w = static_cast<const int16_t*>(L.w);
+  for (int64_t r0 = m0; r0 < m1; r0 += 96) {
+    const int64_t r1 = ro_min(m1, r0 + 96);
+    for (int64_t nb = nb0; nb < nb1; ++nb) {
+      const int64_t n0 = nb * kI8Nb;
+      if (n0 >= L.out) break;
+      const int16_t* panel = w + nb * L.k_pad * kI8Nb;
+      for (int64_t m = r0; m < r1; m += kI8Mr) {
+        const int16_t* am = x + m * lda;
+        float* om = out + m * ldo;
+        switch (ro_min(kI8Mr, r1 - m)) {
+          case 6: i8_block_t<6>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
+          case 5: i8_block_t<5>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
+          case 4: i8_block_t<4>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
+          case 3: i8_block_t<3>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
+          case 2: i8_block_t<2>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
+          default: i8_block_t<1>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace avx2
+
+void avxvnni_fill(IsaKernels& k);  // isa_avxvnni.cpp
+
+const IsaKernels& avx2_kernels(bool vnni) {
+  static const IsaKernels base = [] {
+    IsaKernels k{};
+    k.isa = Isa::kAvx2;
+    k.name = "avx2";
+    GemmKernel& i8 = k.gemm[static_cast<int>(Precision::kInt8)];
+    i8.k_step = avx2::kI8G;
+    i8.n_block = avx2::kI8Nb;
+    i8.m_step = 1;
+    i8.act_u8 = false;
+    i8.act_bytes = 2;
+    i8.packed_bytes = avx2::i8_packed_bytes;
+    i8.pack = avx2::i8_pack;
+    i8.quantize_row = avx2::ro_quantize_s16;
+    i8.gemm = avx2::i8_gemm;
+    avx2::fill_f32(k);
+    k.linear_desc[static_cast<int>(Precision::kInt8)] = "int8, AVX2 vpmaddwd on int16-widened operands (int32 sums, no saturation)";
+    k.linear_desc[static_cast<int>(Precision::kFp32)] = "fp32, AVX2 FMA";
+    k.attention_desc[static_cast<int>(Precision::kInt8)] = "fp32, exact softmax";
+    k.attention_desc[static_cast<int>(Precision::kFp32)] = "fp32, exact softmax";
+    return k;
+  }();
+  static const IsaKernels with_vnni = [] {
+    IsaKernels k = base;
+    avxvnni_fill(k);
+    return k;
+  }();
+  return vnni ? with_vnni : base;
+}
+
+}  // namespace encoder
+}  // namespace spanrt

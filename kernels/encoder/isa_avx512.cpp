@@ -1,0 +1,192 @@
+// The native encoder on AVX-512 with VNNI (Intel Cascade Lake / Ice Lake and newer, AMD Zen 4/5).
+// Compiled with -mavx512f -mavx512bw -mavx512dq -mavx512vl -mavx512vnni -mfma; the table is used
+// only where the CPU reports them (cpu_features.cpp). bf16 linear layers live in
+// isa_avx512_bf16.cpp (compiled with -mavx512bf16 as well), added to this table on CPUs with it.
+//
+// int8: vpdpbusd multiplies unsigned by signed bytes, so activations are stored as q + 128 (u8)
+// and 128 * (the weight column's sum) is subtracted from each int32 sum: exact, the same int32 as
+// s8 x s8. Register block 6 rows x 64 columns (24 zmm accumulators), weights in panels of 64
+// columns x 4 consecutive k per 32-bit lane.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "microkernels.h"
+
+namespace spanrt {
+namespace encoder {
+namespace avx512 {
+namespace {
+
+#include "rowops.inc"
+
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+
+// ---- fp32: 8 rows x 48 columns (24 accumulators) -------------------------------------------------
+constexpr int64_t kF32Nb = 48;
+constexpr int64_t kF32Mr = 8;
+
+template <int MR>
+void f32_block_t(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, const float* bias, int64_t ncols, float* out,
+                 int64_t ldo) {
+  __m512 acc[MR][3];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 3
+    for (int v = 0; v < 3; ++v) acc[i][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(b + k * ldb), b1 = _mm512_loadu_ps(b + k * ldb + 16), b2 = _mm512_loadu_ps(b + k * ldb + 32);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_set1_ps(a[i * lda + k]);
+      acc[i][0] = _mm512_fmadd_ps(av, b0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
+      acc[i][2] = _mm512_fmadd_ps(av, b2, acc[i][2]);
+    }
+  }
+  for (int v = 0; v < 3; ++v) {
+    if (16 * v >= ncols) break;
+    const __mmask16 mk = tail_mask(ncols - 16 * v);
+    const __m512 bv = bias != nullptr ? _mm512_maskz_loadu_ps(mk, bias + 16 * v) : _mm512_setzero_ps();
+    for (int i = 0; i < MR; ++i) _mm512_mask_storeu_ps(out + i * ldo + 16 * v, mk, _mm512_add_ps(acc[i][v], bv));
+  }
+}
+
+void f32_block(int64_t mr, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, const float* bias, int64_t ncols, float* out,
+               int64_t ldo) {
+  switch (mr) {
+    case 8: f32_block_t<8>(a, lda, b, ldb, K, bias, ncols, out, ldo); break;
+    case 7: f32_block_t<7>(a, lda, b, ldb, K, bias, ncols, out, ldo); break;
+    case 6: f32_block_t<6>(a, lda, b, ldb, K, bias, ncols, out, ldo); break;
+    case 5: f32_block_t<5>(a, lda, b, ldb, K, bias, ncols, out, ldo); break;
+    case 4: f32_block_t<4>(a, lda, b, ldb, K, bias, ncols, out, ldo); break;
+    case 3: f32_block_t<3>(a, lda, b, ldb, K, bias, ncols, out, ldo); break;
+    case 2: f32_block_t<2>(a, lda, b, ldb, K, bias, ncols, out, ldo); break;
+    default: f32_block_t<1>(a, lda, b, ldb, K, bias, ncols, out, ldo); break;
+  }
+}
+
+#include "f32ops.inc"
+
+// ---- int8: 6 rows x 64 columns, vpdpbusd -----------------------------------------------------------
+constexpr int64_t kI8Nb = 64;
+constexpr int64_t kI8Mr = 6;
+constexpr int64_t kI8G = 4;
+
+size_t i8_packed_bytes(int64_t n_pad, int64_t k_pad) { return static_cast<size_t>(n_pad * k_pad); }
+
+void i8_pack(const void* src, int64_t out, int64_t in, int64_t k_pad, int64_t, void* dst, int32_t* comp) {
+  ro_pack_i8_groups(static_cast<const int8_t*>(src), out, in, k_pad, kI8Nb, kI8G, static_cast<int8_t*>(dst), comp);
+}
+
+inline int32_t load4(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+template <int MR>
+void i8_block_t(const LinearView& L, const uint8_t* a, int64_t lda, const float* a_scale, const int8_t* panel, int64_t n0, Epilogue ep,
+                float* out, int64_t ldo) {
+  __m512i acc[MR][4];
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_setzero_si512();
+  const int64_t groups = L.k_pad / kI8G;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int8_t* bp = panel + g * kI8Nb * kI8G;
+    const __m512i b0 = _mm512_load_si512(bp), b1 = _mm512_load_si512(bp + 64), b2 = _mm512_load_si512(bp + 128),
+                  b3 = _mm512_load_si512(bp + 192);
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      const __m512i av = _mm512_set1_epi32(load4(a + i * lda + g * kI8G));
+      acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], av, b0);
+      acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], av, b1);
+      acc[i][2] = _mm512_dpbusd_epi32(acc[i][2], av, b2);
+      acc[i][3] = _mm512_dpbusd_epi32(acc[i][3], av, b3);
+    }
+  }
+  const int64_t ncols = ro_min(kI8Nb, L.out - n0);
+  for (int v = 0; v < 4; ++v) {
+    if (16 * v >= ncols) break;
+    const int64_t n = n0 + 16 * v;
+    const __mmask16 mk = tail_mask(ncols - 16 * v);
+    const __m512i comp = _mm512_loadu_si512(L.comp + n);
+    const __m512 ws = _mm512_loadu_ps(L.scale + n);
+    const __m512 bias = _mm512_loadu_ps(L.bias + n);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 x = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][v], comp));
+      _mm512_mask_storeu_ps(out + i * ldo + n, mk, _mm512_fmadd_ps(x, _mm512_mul_ps(ws, _mm512_set1_ps(a_scale[i])), bias));
+    }
+  }
+  if (ep == Epilogue::kBiasGelu)
+    for (int i = 0; i < MR; ++i) ro_gelu_inplace(out + i * ldo + n0, ncols);
+}
+
+void i8_gemm(const LinearView& L, const void* a, int64_t lda, const float* a_scale, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1,
+             Epilogue ep, float* out, int64_t ldo) {
+  const uint8_t* x = static_cast<const uint8_t*>(a);
+  const int8_t* w = static_cast<const int8_t*>(L.w);
+  for (int64_t r0 = m0; r0 < m1; r0 += 96) {
+    const int64_t r1 = ro_min(m1, r0 + 96);
+    for (int64_t nb = nb0; nb < nb1; ++nb) {
+      const int64_t n0 = nb * kI8Nb;
+      if (n0 >= L.out) break;
+      const int8_t* panel = w + nb * L.k_pad * kI8Nb;
+      for (int64_t m = r0; m < r1; m += kI8Mr) {
+        const uint8_t* am = x + m * lda;
+        float* om = out + m * ldo;
+        switch (ro_min(kI8Mr, r1 - m)) {
+          case 6: i8_block_t<6>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
+          case 5: i8_block_t<5>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
+          case 4: i8_block_t<4>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
+          case 3: i8_block_t<3>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
+          case 2: i8_block_t<2>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
+          default: i8_block_t<1>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace avx512
+
+void avx512_bf16_fill(IsaKernels& k);  // isa_avx512_bf16.cpp
+
+const IsaKernels& avx512_kernels(bool bf16) {
+  static const IsaKernels base = [] {
+    IsaKernels k{};
+    k.isa = Isa::kAvx512Vnni;
+    k.name = "avx512_vnni";
+    GemmKernel& i8 = k.gemm[static_cast<int>(Precision::kInt8)];
+    i8.k_step = avx512::kI8G;
+    i8.n_block = avx512::kI8Nb;
+    i8.m_step = 1;
+    i8.act_u8 = true;
+    i8.act_bytes = 1;
+    i8.packed_bytes = avx512::i8_packed_bytes;
+    i8.pack = avx512::i8_pack;
+    i8.quantize_row = avx512::ro_quantize_u8;
+    i8.gemm = avx512::i8_gemm;
+    avx512::fill_f32(k);
+    k.linear_desc[static_cast<int>(Precision::kInt8)] = "int8, AVX-512 VNNI vpdpbusd (u8 + 128 compensation, int32 sums)";
+    k.linear_desc[static_cast<int>(Precision::kFp32)] = "fp32, AVX-512 FMA";
+    k.attention_desc[static_cast<int>(Precision::kInt8)] = "fp32, exact softmax";
+    k.attention_desc[static_cast<int>(Precision::kFp32)] = "fp32, exact softmax";
+    return k;
+  }();
+  static const IsaKernels with_bf16 = [] {
+    IsaKernels k = base;
+    avx512_bf16_fill(k);
+    return k;
+  }();
+  return bf16 ? with_bf16 : base;
+}
+
+}  // namespace encoder
+}  // namespace spanrt

@@ -1,0 +1,115 @@
+// int8 linear layers with AVX-VNNI (vpdpbusd on ymm: Intel Alder Lake and later client chips,
+// Sierra Forest, AMD Zen 5). Compiled with -mavx2 -mfma -mavxvnni; added to the AVX2 table where
+// the CPU reports AVX-VNNI. As on AVX-512: activations stored as q + 128 (u8) and 128 * (column sum)
+// subtracted, exact. Register block 6 rows x 16 columns; panels of 16 columns x 4 k per lane.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "microkernels.h"
+
+namespace spanrt {
+namespace encoder {
+namespace avxvnni {
+namespace {
+
+#include "rowops.inc"
+
+constexpr int64_t kNb = 16;
+constexpr int64_t kMr = 6;
+constexpr int64_t kG = 4;
+
+inline __m256i tail_mask8(int64_t left) {
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left < 8 ? left : 8)), idx);
+}
+
+size_t packed_bytes(int64_t n_pad, int64_t k_pad) { return static_cast<size_t>(n_pad * k_pad); }
+
+void pack(const void* src, int64_t out, int64_t in, int64_t k_pad, int64_t, void* dst, int32_t* comp) {
+  ro_pack_i8_groups(static_cast<const int8_t*>(src), out, in, k_pad, kNb, kG, static_cast<int8_t*>(dst), comp);
+}
+
+template <int MR>
+void block_t(const LinearView& L, const uint8_t* a, int64_t lda, const float* a_scale, const int8_t* panel, int64_t n0, Epilogue ep,
+             float* out, int64_t ldo) {
+  __m256i acc[MR][2];
+#pragma GCC unroll 6
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+  const int64_t groups = L.k_pad / kG;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int8_t* bp = panel + g * kNb * kG;
+    const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(bp)),
+                  b1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(bp + 32));
+#pragma GCC unroll 6
+    for (int i = 0; i < MR; ++i) {
+      int32_t quad;
+      std::memcpy(&quad, a + i * lda + g * kG, 4);
+      const __m256i av = _mm256_set1_epi32(quad);
+      acc[i][0] = _mm256_dpbusd_avx_epi32(acc[i][0], av, b0);
+      acc[i][1] = _mm256_dpbusd_avx_epi32(acc[i][1], av, b1);
+    }
+  }
+  const int64_t ncols = ro_min(kNb, L.out - n0);
+  for (int v = 0; v < 2; ++v) {
+    if (8 * v >= ncols) break;
+    const int64_t n = n0 + 8 * v;
+    const __m256i mk = tail_mask8(ncols - 8 * v);
+    const __m256i comp = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(L.comp + n));
+    const __m256 ws = _mm256_loadu_ps(L.scale + n);
+    const __m256 bias = _mm256_loadu_ps(L.bias + n);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 x = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[i][v], comp));
+      _mm256_maskstore_ps(out + i * ldo + n, mk, _mm256_fmadd_ps(x, _mm256_mul_ps(ws, _mm256_set1_ps(a_scale[i])), bias));
+    }
+  }
+  if (ep == Epilogue::kBiasGelu)
+    for (int i = 0; i < MR; ++i) ro_gelu_inplace(out + i * ldo + n0, ncols);
+}
+
+void gemm(const LinearView& L, const void* a, int64_t lda, const float* a_scale, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1,
+          Epilogue ep, float* out, int64_t ldo) {
+  const uint8_t* x = static_cast<const uint8_t*>(a);
+  const int8_t* w = static_cast<const int8_t*>(L.w);
+  for (int64_t r0 = m0; r0 < m1; r0 += 96) {
+    const int64_t r1 = ro_min(m1, r0 + 96);
+    for (int64_t nb = nb0; nb < nb1; ++nb) {
+      const int64_t n0 = nb * kNb;
+      if (n0 >= L.out) break;
+      const int8_t* panel = w + nb * L.k_pad * kNb;
+      for (int64_t m = r0; m < r1; m += kMr) {
+        const uint8_t* am = x + m * lda;
+        float* om = out + m * ldo;
+        switch (ro_min(kMr, r1 - m)) {
+          case 6: block_t<6>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
+          case 5: block_t<5>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
+          case 4: block_t<4>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
+          case 3: block_t<3>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
+          case 2: block_t<2>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
+          default: block_t<1>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace avxvnni
+
+void avxvnni_fill(IsaKernels& k) {
+  GemmKernel& g = k.gemm[static_cast<int>(Precision::kInt8)];
+  g.k_step = avxvnni::kG;
+  g.n_block = avxvnni::kNb;
+  g.m_step = 1;
+  g.act_u8 = true;
+  g.act_bytes = 1;
+  g.packed_bytes = avxvnni::packed_bytes;
+  g.pack = avxvnni::pack;
+  g.quantize_row = avxvnni::ro_quantize_u8;
+  g.gemm = avxvnni::gemm;
+  k.linear_desc[static_cast<int>(Precision::kInt8)] = "int8, AVX-VNNI vpdpbusd ymm (u8 + 128 compensation, int32 sums)";
+}
+
+}  // namespace encoder
+}  // namespace spanrt
