@@ -1,7 +1,17 @@
 """A Triton Inference Server model repository from a bundle: ``python -m export triton BUNDLE --out REPO``.
 
-The repository holds four models; a client sends QUESTION and CONTEXT strings to the ensemble and
-gets ANSWER, SCORE, START, END and IMPOSSIBLE back (best first, up to top_k):
+``--target cpu`` writes one Python-backend model, the only backend the tritonserver of the
+``nvidia-pytriton`` wheel has besides ensembles (served for real in tests/test_triton_server.py):
+
+    spanrt_qa        Python backend (export/triton_model.py, stage "engine"): engine.Engine over the
+                     bundle copied into spanrt_qa/1/bundle, backend "auto"; Triton's dynamic
+                     batcher groups concurrent requests and the model answers them with one
+                     Engine.answer_batch call. Inputs: QUESTION, CONTEXT (TYPE_STRING, [rows, 1]),
+                     optional TOP_K, MAX_ANSWER_LEN (TYPE_INT32), HANDLE_IMPOSSIBLE (TYPE_BOOL), one
+                     per row; outputs ANSWER, SCORE, START, END, IMPOSSIBLE, [rows, k] best first.
+
+``--target gpu`` (the default) writes four models; a client sends QUESTION and CONTEXT strings to
+the ensemble and gets ANSWER, SCORE, START, END and IMPOSSIBLE back (best first, up to top_k):
 
     spanrt_qa        ensemble: spanrt_tokenize -> spanrt_model -> spanrt_decode
     spanrt_tokenize  Python backend (export/triton_model.py): the pair's doc-stride windows,
@@ -15,8 +25,9 @@ gets ANSWER, SCORE, START, END and IMPOSSIBLE back (best first, up to top_k):
 ``validate_repository`` parses every config.pbtxt with Triton's model-config protobuf schema (from
 the ``tritonclient`` package) and re-checks the ensemble's tensor graph with the rules Triton's
 ValidateEnsembleConfig applies at load time (every input mapped once, data types equal, shapes
-equal up to -1 wildcards and the batch dimension of batching models). Triton itself was not run
-where this was written.
+equal up to -1 wildcards and the batch dimension of batching models). The GPU repository was not
+served by a real Triton where this was written (the wheel's server has no onnxruntime or TensorRT
+backend); the CPU repository is.
 """
 
 from __future__ import annotations
@@ -33,6 +44,8 @@ from engine.bundle import Artifact, Bundle, load_bundle
 from export.errors import ExportError
 
 ENSEMBLE, TOKENIZE, MODEL, DECODE = "spanrt_qa", "spanrt_tokenize", "spanrt_model", "spanrt_decode"
+CPU_MODEL = ENSEMBLE  # the CPU repository's one model answers under the ensemble's name: clients need not care
+DEFAULT_MAX_CONTEXT_BYTES = 256 * 1024  # the CPU model refuses longer contexts (a request, not a document store)
 MARKER = "spanrt_triton.json"  # written at the repository root (Triton only loads folders)
 MODEL_SOURCE = Path(__file__).resolve().parent / "triton_model.py"
 DEFAULT_BUCKETS = (64, 128, 256)  # plus max_seq_len; a plan's own profile bounds take precedence
@@ -46,6 +59,7 @@ ANSWER_OUTPUTS = (("ANSWER", "TYPE_STRING"), ("SCORE", "TYPE_FP32"), ("START", "
 class TritonOptions:
     """What ``python -m export triton`` can be told (answering options are fixed per repository)."""
 
+    target: str = "gpu"  # "gpu": the ensemble below; "cpu": one Python-backend model running engine.Engine
     model: str = "auto"  # "auto" (TensorRT plan when present and kind is gpu), "onnx" or "tensorrt"
     precision: str | None = None  # None: fp16 on GPU (fp32 without it), int8 on CPU (fp32 without it)
     kind: str = "gpu"  # where spanrt_model runs: "gpu" or "cpu" (the Python stages always run on CPU)
@@ -62,9 +76,19 @@ class TritonOptions:
     handle_impossible: bool = False
     null_threshold: float = 0.0
     align_to_words: bool = True
+    backend: str = "auto"  # --target cpu: the Engine's backend
+    threads: int | None = None  # --target cpu: the Engine's intra-op threads (None: every core)
+    max_context_bytes: int = DEFAULT_MAX_CONTEXT_BYTES  # --target cpu: longer contexts get an error response
+    python_env: str | None = None  # --target cpu: EXECUTION_ENV_PATH, the Python the stub runs (NumPy < 2, see engine.serve)
     force: bool = False
 
     def __post_init__(self) -> None:
+        if self.target not in ("gpu", "cpu"):
+            raise ExportError(f"--target must be gpu or cpu, got {self.target!r}")
+        if self.target == "cpu" and self.model == "tensorrt":
+            raise ExportError("--target cpu serves the bundle with engine.Engine; --model tensorrt is for --target gpu")
+        if self.threads is not None and self.threads < 1 or self.max_context_bytes < 1:
+            raise ExportError("--threads and --max-context-bytes must be >= 1")
         if self.model not in ("auto", "onnx", "tensorrt"):
             raise ExportError(f"--model must be auto, onnx or tensorrt, got {self.model!r}")
         if self.kind not in ("gpu", "cpu"):
@@ -273,6 +297,36 @@ def configs(bundle: Bundle, opts: TritonOptions) -> tuple[ModelChoice, dict[str,
     return choice, {TOKENIZE: tokenize, MODEL: model, DECODE: decode, ENSEMBLE: ensemble}
 
 
+def cpu_config(bundle: Bundle, opts: TritonOptions) -> dict[str, Any]:
+    """The CPU repository's one model config: engine.Engine behind Triton's dynamic batcher."""
+    from engine.backends import BACKENDS
+
+    if opts.backend not in ("auto", *BACKENDS):
+        raise ExportError(f"--backend must be auto or one of {', '.join(BACKENDS)}, got {opts.backend!r}")
+    row = [1]
+    options = [{**_tensor("TOP_K", "TYPE_INT32", row), "optional": True},
+               {**_tensor("MAX_ANSWER_LEN", "TYPE_INT32", row), "optional": True},
+               {**_tensor("HANDLE_IMPOSSIBLE", "TYPE_BOOL", row), "optional": True}]
+    batching: dict[str, Any] = {"max_queue_delay_microseconds": opts.max_queue_delay_us}
+    if opts.max_queue_size:
+        batching["default_queue_policy"] = {"max_queue_size": opts.max_queue_size}
+    params = {
+        "spanrt_stage": "engine", "backend": opts.backend, "precision": opts.precision or "",
+        "threads": "" if opts.threads is None else str(opts.threads),
+        "max_question_len": str(opts.max_question_len), "doc_stride": "" if opts.doc_stride is None else str(opts.doc_stride),
+        "top_k": str(opts.top_k), "max_answer_len": str(opts.max_answer_len),
+        "handle_impossible": "true" if opts.handle_impossible else "false", "null_threshold": repr(float(opts.null_threshold)),
+        "align_to_words": "true" if opts.align_to_words else "false", "max_context_bytes": str(opts.max_context_bytes),
+    }
+    if opts.python_env is not None:
+        params["EXECUTION_ENV_PATH"] = str(Path(opts.python_env).resolve())
+    return {"name": CPU_MODEL, "backend": "python", "max_batch_size": opts.max_batch_size,
+            "input": [_tensor("QUESTION", "TYPE_STRING", row), _tensor("CONTEXT", "TYPE_STRING", row), *options],
+            "output": [_tensor(n, t, [-1]) for n, t in ANSWER_OUTPUTS],
+            "instance_group": [{"kind": Enum("KIND_CPU"), "count": opts.instances}],
+            "dynamic_batching": batching, "parameters": _parameters(params)}
+
+
 # ---- writing ------------------------------------------------------------------------------------------
 def _check_target(out: Path, force: bool) -> None:
     if out.exists() or out.is_symlink():
@@ -297,23 +351,36 @@ def write_repository(bundle_dir: str | Path, out: str | Path, opts: TritonOption
     bundle = load_bundle(bundle_dir, verify=True)
     out = Path(out).resolve()
     _check_target(out, opts.force)
+    if opts.target == "cpu":
+        return _write(out, {CPU_MODEL: cpu_config(bundle, opts)}, bundle, opts, None)
     choice, cfgs = configs(bundle, opts)
     check_ensemble(cfgs)
+    return _write(out, cfgs, bundle, opts, choice)
+
+
+def _write(out: Path, cfgs: dict[str, dict[str, Any]], bundle: Bundle, opts: TritonOptions, choice: ModelChoice | None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         for name, cfg in cfgs.items():
             version = tmp / name / "1"
             version.mkdir(parents=True)
             (tmp / name / "config.pbtxt").write_text(to_pbtxt(cfg), encoding="utf-8")
-            if name in (TOKENIZE, DECODE):
+            if cfg.get("backend") == "python":
                 shutil.copyfile(MODEL_SOURCE, version / "model.py")
+            if name in (TOKENIZE, DECODE):
                 shutil.copyfile(bundle.tokenizer_path, version / "tokenizer.json")
-            elif name == MODEL:
+            elif name == MODEL and choice is not None:
                 _copy(choice.artifact.path, version / choice.filename)
-        marker = {"written_by": "python -m export triton", "bundle": str(bundle.root), "served": choice.artifact.path.name,
-                  "platform": choice.platform, "precision": choice.artifact.precision, "options": asdict(opts),
-                  "tensorrt_version": choice.artifact.info.get("tensorrt_version"),
-                  "compute_capability": choice.artifact.info.get("compute_capability")}
+            elif opts.target == "cpu":
+                shutil.copytree(bundle.root, version / "bundle", copy_function=_copy)
+        marker: dict[str, Any] = {"written_by": "python -m export triton", "target": opts.target, "bundle": str(bundle.root),
+                                  "options": asdict(opts)}
+        if choice is not None:
+            marker.update(served=choice.artifact.path.name, platform=choice.platform, precision=choice.artifact.precision,
+                          tensorrt_version=choice.artifact.info.get("tensorrt_version"),
+                          compute_capability=choice.artifact.info.get("compute_capability"))
+        else:
+            marker.update(served="bundle", platform="python", precision=opts.precision)
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
@@ -445,7 +512,8 @@ def validate_repository(repo: str | Path) -> dict[str, Any]:
         _check_model_files(folder, cfg, model_config_pb2)
         parsed[cfg.name] = cfg
         as_dicts[cfg.name] = _message_dict(cfg)
-    check_ensemble(as_dicts)
+    if any(c.get("platform") == "ensemble" for c in as_dicts.values()) or CPU_MODEL not in as_dicts:
+        check_ensemble(as_dicts)
     return parsed
 
 
@@ -456,6 +524,9 @@ def _check_model_files(folder: Path, cfg: Any, pb: Any) -> None:
     if kind != "ensemble":
         if kind not in need or not (version / need[kind]).is_file():
             raise ExportError(f"{folder.name}: backend/platform {kind!r} needs {version / need.get(kind, '?')}")
+        stage = cfg.parameters["spanrt_stage"].string_value if "spanrt_stage" in cfg.parameters else ""
+        if stage == "engine":
+            load_bundle(version / "bundle", verify=True)  # the copied bundle is whole
     elif not version.is_dir():
         raise ExportError(f"{folder.name}: an ensemble still needs its version folder {version}")
     for t in [*cfg.input, *cfg.output]:
@@ -482,18 +553,23 @@ def main(argv: list[str]) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m export triton",
-                                description="Write a Triton Inference Server model repository (ensemble: tokenize -> model -> "
-                                            "decode) from a SpanRT bundle.")
+                                description="Write a Triton Inference Server model repository from a SpanRT bundle: "
+                                            "--target cpu, one Python-backend model running engine.Engine; --target gpu, "
+                                            "an ensemble tokenize -> ONNX model or TensorRT plan -> decode.")
     p.add_argument("bundle_dir", metavar="BUNDLE_DIR")
     p.add_argument("--out", required=True, metavar="REPO_DIR", help="repository folder to create")
+    p.add_argument("--target", choices=("gpu", "cpu"), default="gpu",
+                   help="cpu: engine.Engine in the Python backend (any tritonserver); gpu: the ensemble (default)")
     p.add_argument("--model", choices=("auto", "onnx", "tensorrt"), default="auto",
                    help="what spanrt_model serves (auto: the TensorRT plan when the bundle has one and --kind is gpu)")
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
-                   help="default: fp16 on GPU, int8 on CPU (fp32 when missing)")
-    p.add_argument("--kind", choices=("gpu", "cpu"), default="gpu", help="where spanrt_model's instances run")
-    p.add_argument("--instances", type=int, default=1, help="spanrt_model instances per GPU (or on the CPU)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8", "bf16"), default=None,
+                   help="default: fp16 on GPU, int8 on CPU (fp32 when missing); --target cpu: the Engine's default")
+    p.add_argument("--kind", choices=("gpu", "cpu"), default="gpu", help="--target gpu: where spanrt_model's instances run")
+    p.add_argument("--instances", type=int, default=1,
+                   help="spanrt_model instances per GPU (or on the CPU); --target cpu: Engine instances (each its own process)")
     p.add_argument("--python-instances", type=int, default=2, help="instances of each Python stage")
-    p.add_argument("--max-batch-size", type=int, default=32, help="windows per model batch (capped by a plan's profiles)")
+    p.add_argument("--max-batch-size", type=int, default=32,
+                   help="windows per model batch (capped by a plan's profiles); --target cpu: requests per dynamic batch")
     p.add_argument("--max-queue-delay-us", type=int, default=1000, help="dynamic batcher delay (default 1000)")
     p.add_argument("--max-queue-size", type=int, default=0, help="queued requests at spanrt_model before rejecting; 0: no limit")
     p.add_argument("--length-buckets", type=_ints, default=None, help="padded window lengths (default: the plan's profiles, "
@@ -505,10 +581,18 @@ def main(argv: list[str]) -> int:
     p.add_argument("--handle-impossible", action="store_true")
     p.add_argument("--null-threshold", type=float, default=0.0)
     p.add_argument("--no-align-to-words", action="store_true")
+    p.add_argument("--backend", default="auto", help="--target cpu: the Engine's backend (default auto)")
+    p.add_argument("--threads", type=int, default=None, help="--target cpu: the Engine's intra-op threads (default: all cores)")
+    p.add_argument("--max-context-bytes", type=int, default=DEFAULT_MAX_CONTEXT_BYTES,
+                   help="--target cpu: longer contexts get an error response (default 256 KiB)")
+    p.add_argument("--python-env", default=None, metavar="DIR",
+                   help="--target cpu: the Python environment the backend stub runs (EXECUTION_ENV_PATH; "
+                        "python -m engine.serve --make-python-env DIR makes one)")
     p.add_argument("--validate", action="store_true", help='parse the configs with Triton\'s schema (needs tritonclient[grpc])')
     p.add_argument("--force", action="store_true", help="replace a repository this command wrote before")
     a = p.parse_args(argv)
-    opts = TritonOptions(model=a.model, precision=a.precision, kind=a.kind, instances=a.instances,
+    opts = TritonOptions(target=a.target, backend=a.backend, threads=a.threads, max_context_bytes=a.max_context_bytes,
+                         python_env=a.python_env, model=a.model, precision=a.precision, kind=a.kind, instances=a.instances,
                          python_instances=a.python_instances, max_batch_size=a.max_batch_size,
                          max_queue_delay_us=a.max_queue_delay_us, max_queue_size=a.max_queue_size, length_buckets=a.length_buckets,
                          max_question_len=a.max_question_len, doc_stride=a.doc_stride, top_k=a.top_k,
@@ -518,6 +602,10 @@ def main(argv: list[str]) -> int:
     if a.validate:
         validate_repository(repo)
     marker = json.loads((repo / MARKER).read_text(encoding="utf-8"))
+    if opts.target == "cpu":
+        print(f"{repo}: {CPU_MODEL} = engine.Engine (backend {opts.backend}) in Triton's Python backend, dynamic batching"
+              + ("; configs validated against Triton's schema" if a.validate else ""))
+        return 0
     print(f"{repo}: {ENSEMBLE} = {TOKENIZE} -> {MODEL} ({marker['platform']}, {marker['served']}) -> {DECODE}"
           + ("; configs validated against Triton's schema" if a.validate else ""))
     return 0

@@ -1,6 +1,15 @@
 """SpanRT's Triton Python-backend model; ``python -m export triton`` copies this file as model.py.
 
-One file serves two models of the repository, chosen by the config parameter ``spanrt_stage``:
+One file serves the models of both repositories, chosen by the config parameter ``spanrt_stage``.
+The CPU repository (``--target cpu``) has one model:
+
+* ``engine``: QUESTION, CONTEXT ([rows, 1] strings) and the optional per-row options TOP_K,
+  MAX_ANSWER_LEN, HANDLE_IMPOSSIBLE -> ANSWER, SCORE, START, END, IMPOSSIBLE ([rows, k], best
+  first), answered by ``engine.Engine`` (backend "auto" unless the export said otherwise) over the
+  bundle copied beside this file. Triton's dynamic batcher hands ``execute`` the requests that
+  arrived together; their rows go to ``Engine.answer_batch`` at once (one call per option set).
+
+The GPU repository (``--target gpu``, an ensemble) has two:
 
 * ``tokenize``: QUESTION, CONTEXT (one string each) -> the model inputs of every doc-stride window
   of the pair, [windows, length] int arrays, padded to a length bucket so that Triton's dynamic
@@ -31,8 +40,10 @@ from engine.errors import InvalidInputError
 from engine.postprocess import Answer, Candidates, collect, finalize
 from engine.preprocess import Example, TextEncoder, make_example
 
-STAGES = ("tokenize", "decode")
+STAGES = ("tokenize", "decode", "engine")
 OUTPUTS = ("ANSWER", "SCORE", "START", "END", "IMPOSSIBLE")
+OPTION_INPUTS = {"TOP_K": "top_k", "MAX_ANSWER_LEN": "max_answer_len", "HANDLE_IMPOSSIBLE": "handle_impossible"}
+PAD_POSITION = -1  # START and END of the padding of a row with fewer than k answers
 
 
 def _pb_utils() -> Any:
@@ -137,13 +148,122 @@ class QAStages:
         if not ranked:  # no token span has characters: nothing to point at (as Engine answers)
             ranked = [Answer("", 0, 0, 0.0, "triton", self.precision, True,
                              (*example.warnings, "no span of the context could be an answer"))]
-        return {
-            "ANSWER": np.array([a.text.encode("utf-8") for a in ranked], dtype=np.object_),
-            "SCORE": np.array([a.score for a in ranked], dtype=np.float32),
-            "START": np.array([a.start for a in ranked], dtype=np.int64),
-            "END": np.array([a.end for a in ranked], dtype=np.int64),
-            "IMPOSSIBLE": np.array([a.impossible for a in ranked], dtype=np.bool_),
-        }
+        return {name: array[0] for name, array in answer_arrays([ranked]).items()}
+
+
+class EngineStage:
+    """The CPU repository's model: rows of (question, context) plus options -> answers, by one Engine."""
+
+    def __init__(self, bundle_dir: str | Path, params: dict[str, str]) -> None:
+        from engine import Engine  # the runtime itself: the answers are Engine.answer_batch's
+
+        threads = int(params["threads"]) if params["threads"] else None
+        self.engine = Engine(bundle_dir, backend=params["backend"], precision=params["precision"] or None, threads=threads)
+        self.engine.warmup()
+        self.defaults: dict[str, Any] = {
+            "top_k": int(params["top_k"]), "max_answer_len": int(params["max_answer_len"]),
+            "handle_impossible": _flag(params["handle_impossible"]), "null_threshold": float(params["null_threshold"]),
+            "doc_stride": int(params["doc_stride"]) if params["doc_stride"] else None,
+            "max_question_len": int(params["max_question_len"]), "align_to_words": _flag(params["align_to_words"])}
+        self.max_context_bytes = int(params["max_context_bytes"])
+
+    def rows(self, pb: Any, request: Any) -> list[tuple[str, str, tuple[tuple[str, Any], ...]]]:
+        """A request's rows: (question, context, options), the options as a hashable sorted tuple."""
+        questions, contexts = _strings(pb, request, "QUESTION"), _strings(pb, request, "CONTEXT")
+        if len(questions) != len(contexts):
+            raise InvalidInputError(f"QUESTION has {len(questions)} rows but CONTEXT {len(contexts)}; send one per row")
+        if not questions:
+            raise InvalidInputError("the request has no rows (batch size 0); send at least one question")
+        per_row: list[dict[str, Any]] = [dict(self.defaults) for _ in questions]
+        for name, option in OPTION_INPUTS.items():
+            tensor = pb.get_input_tensor_by_name(request, name)
+            if tensor is None:
+                continue
+            values = tensor.as_numpy().reshape(-1)
+            if len(values) != len(questions):
+                raise InvalidInputError(f"{name} has {len(values)} values for {len(questions)} rows; send one per row")
+            for row, v in zip(per_row, values):
+                row[option] = v.item()
+        out = []
+        for i, (q, c) in enumerate(zip(questions, contexts)):
+            if len(c) > self.max_context_bytes:
+                raise InvalidInputError(f"CONTEXT row {i} has {len(c)} bytes; this repository answers contexts of at most "
+                                        f"{self.max_context_bytes} bytes (export it again with a larger --max-context-bytes, "
+                                        "or split the document)")
+            out.append((_utf8(q, "QUESTION", i), _utf8(c, "CONTEXT", i), tuple(sorted(per_row[i].items()))))
+        return out
+
+    def execute(self, pb: Any, requests: list[Any]) -> list[Any]:
+        """Answer every row of every request; rows with equal options go to one Engine.answer_batch call.
+        A failing call is answered again request by request, so only the bad request gets the error."""
+        rows: list[list[tuple[str, str, tuple[tuple[str, Any], ...]]] | None] = []
+        errors: dict[int, BaseException] = {}
+        for i, request in enumerate(requests):
+            try:
+                rows.append(self.rows(pb, request))
+            except Exception as e:  # this request's error, never the others'
+                rows.append(None)
+                errors[i] = e
+        groups: dict[tuple[tuple[str, Any], ...], list[tuple[int, int]]] = {}
+        for i, request_rows in enumerate(rows):
+            for j, (_, _, options) in enumerate(request_rows or ()):
+                groups.setdefault(options, []).append((i, j))
+        answers: dict[tuple[int, int], list[Answer]] = {}
+        for options, members in groups.items():
+            try:
+                ranked = self.engine.answer_batch([rows[i][j][0] for i, j in members],  # type: ignore[index]
+                                                  [rows[i][j][1] for i, j in members], **dict(options))  # type: ignore[index]
+                answers.update(zip(members, ranked))
+            except Exception:
+                for i in sorted({i for i, _ in members}):
+                    mine = [j for r, j in members if r == i]
+                    try:
+                        ranked = self.engine.answer_batch([rows[i][j][0] for j in mine], [rows[i][j][1] for j in mine],  # type: ignore[index]
+                                                          **dict(options))
+                        answers.update(((i, j), a) for j, a in zip(mine, ranked))
+                    except Exception as e:
+                        errors[i] = e
+        responses = []
+        for i, request_rows in enumerate(rows):
+            if i in errors or request_rows is None:
+                e = errors[i]
+                responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(f"{type(e).__name__}: {e}")))
+                continue
+            arrays = answer_arrays([answers[(i, j)] for j in range(len(request_rows))])
+            responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(n, a) for n, a in arrays.items()]))
+        return responses
+
+    def close(self) -> None:
+        """Free the Engine."""
+        self.engine.close()
+
+
+def answer_arrays(ranked: list[list[Answer]]) -> dict[str, np.ndarray]:
+    """The output tensors of a request: [rows, k] with k the most answers any row has; shorter rows
+    are padded with empty answers at START = END = PAD_POSITION and SCORE 0."""
+    k = max(len(r) for r in ranked)
+    out = {"ANSWER": np.full((len(ranked), k), b"", dtype=np.object_), "SCORE": np.zeros((len(ranked), k), np.float32),
+           "START": np.full((len(ranked), k), PAD_POSITION, np.int64), "END": np.full((len(ranked), k), PAD_POSITION, np.int64),
+           "IMPOSSIBLE": np.zeros((len(ranked), k), np.bool_)}
+    for i, row in enumerate(ranked):
+        for j, a in enumerate(row):
+            out["ANSWER"][i, j] = a.text.encode("utf-8")
+            out["SCORE"][i, j], out["START"][i, j], out["END"][i, j], out["IMPOSSIBLE"][i, j] = a.score, a.start, a.end, a.impossible
+    return out
+
+
+def _strings(pb: Any, request: Any, name: str) -> list[bytes]:
+    tensor = pb.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        raise InvalidInputError(f"input {name} is missing")
+    return [v if isinstance(v, bytes) else str(v).encode("utf-8") for v in tensor.as_numpy().reshape(-1)]
+
+
+def _utf8(value: bytes, name: str, row: int) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidInputError(f"{name} row {row} is not valid UTF-8 ({e})") from None
 
 
 def _text(pb: Any, request: Any, name: str) -> str:
@@ -154,12 +274,7 @@ def _text(pb: Any, request: Any, name: str) -> str:
     if values.size != 1:
         raise InvalidInputError(f"{name} must hold exactly one string, got {values.size}")
     value = values[0]
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise InvalidInputError(f"{name} is not valid UTF-8 ({e})") from None
-    return str(value)
+    return _utf8(value, name, 0) if isinstance(value, bytes) else str(value)
 
 
 class TritonPythonModel:
@@ -173,11 +288,17 @@ class TritonPythonModel:
         if self.stage not in STAGES:
             raise ValueError(f"config parameter spanrt_stage must be one of {STAGES}, got {self.stage!r}")
         folder = Path(args["model_repository"]) / str(args["model_version"])
+        if self.stage == "engine":
+            self.engine_stage: EngineStage | None = EngineStage(folder / "bundle", params)
+            return
+        self.engine_stage = None
         self.stages = QAStages(folder / "tokenizer.json", params)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         """One response per request; a request that fails gets its error message, the others their results."""
         pb = _pb_utils()
+        if self.engine_stage is not None:
+            return self.engine_stage.execute(pb, requests)
         responses = []
         for request in requests:
             try:
@@ -194,4 +315,6 @@ class TritonPythonModel:
         return responses
 
     def finalize(self) -> None:
-        """Nothing to free beyond what Python's garbage collector frees."""
+        """Close the Engine of the CPU repository (the ensemble's stages hold nothing to free)."""
+        if self.engine_stage is not None:
+            self.engine_stage.close()
