@@ -227,7 +227,7 @@ class EngineStage:
         for i, request_rows in enumerate(rows):
             if i in errors or request_rows is None:
                 e = errors[i]
-                responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(f"{type(e).__name__}: {e}")))
+                responses.append(error_response(pb, e))
                 continue
             arrays = answer_arrays([answers[(i, j)] for j in range(len(request_rows))])
             responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(n, a) for n, a in arrays.items()]))
@@ -236,6 +236,12 @@ class EngineStage:
     def close(self) -> None:
         """Free the Engine."""
         self.engine.close()
+
+
+def error_response(pb: Any, error: BaseException) -> Any:
+    """A request's error response: INVALID_ARG (HTTP 400) for what the caller sent, INTERNAL (500) otherwise."""
+    code = pb.TritonError.INVALID_ARG if isinstance(error, InvalidInputError) else pb.TritonError.INTERNAL
+    return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(f"{type(error).__name__}: {error}", code))
 
 
 def answer_arrays(ranked: list[list[Answer]]) -> dict[str, np.ndarray]:
@@ -311,7 +317,7 @@ class TritonPythonModel:
                     arrays = self.stages.decode(question, context, start, end)
                 responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(n, a) for n, a in arrays.items()]))
             except Exception as e:  # returned to the client as this request's error, never dropped
-                responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(f"{type(e).__name__}: {e}")))
+                responses.append(error_response(pb, e))
         return responses
 
     def finalize(self) -> None:

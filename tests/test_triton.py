@@ -84,8 +84,10 @@ class FakeRequest:
 
 
 class FakeError:
-    def __init__(self, message: str) -> None:
-        self._message = message
+    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+    def __init__(self, message: str, code: str = "INTERNAL") -> None:
+        self._message, self.code = message, code
 
     def message(self) -> str:
         return self._message
