@@ -181,9 +181,9 @@ class Options:
 class Engine:
     """A loaded bundle on one backend: tokenizer, model session and decoder, ready to answer.
 
-    ``backend``: "auto" (TensorRT, then ONNX Runtime CUDA, then ONNX Runtime CPU: the first that
-    can run; the choice is logged and kept in ``backend_notes``), or one of "onnxruntime",
-    "onnxruntime-cuda", "tensorrt", "torch", "torch-cuda" (an error when it cannot run).
+    ``backend``: "auto" (TensorRT, then ONNX Runtime CUDA, then the native encoder, then ONNX
+    Runtime CPU: the first that can run; the choice is logged and kept in ``backend_notes``), or one
+    of engine.backends.BACKENDS (an error when it cannot run).
     ``precision``: None for the backend's default (CPU: int8 when the bundle has it, GPU: fp16).
     ``threads``: intra-op threads, default the CPU cores this process may use.
     ``context_cache``: how many recently seen contexts (up to 100,000 characters each) keep their
@@ -194,13 +194,15 @@ class Engine:
     ``max_windows``: the most model windows one question's context may need (None: no limit); a
     longer context is a ``RequestTooLargeError`` raised after tokenization, before any model work
     (a service's bound on the work one request may cause).
+    ``cpu_isa``: the highest instruction-set path the native encoder may use ("amx", "avx512_vnni",
+    "avx2", "neon", "generic"; None: $SPANRT_CPU_ISA, else the best this CPU runs).
     One Engine is safe to share between threads; ``close()`` (or ``with``) frees it.
     """
 
     def __init__(self, bundle: str | os.PathLike[str] | Bundle, *, backend: str = "auto", precision: str | None = None,
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, threads: int | None = None, device_id: int = 0,
                  context_cache: int = DEFAULT_CONTEXT_CACHE, max_batch_tokens: int | None = None,
-                 max_windows: int | None = None) -> None:
+                 max_windows: int | None = None, cpu_isa: str | None = None) -> None:
         if not isinstance(backend, str) or backend not in ("auto", *BACKENDS):
             raise InvalidInputError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}, got {brief(backend)}")
         if precision is not None and precision not in ENGINE_PRECISIONS:
@@ -222,7 +224,10 @@ class Engine:
         self._encoder = TextEncoder(self.bundle.tokenizer_path)
         self._template = self._encoder.template
         self._context_cache = ContextCache(context_cache) if context_cache else None
-        self._backend, self.backend_notes = open_backend(self.bundle, backend, precision, threads=threads, device_id=device_id)
+        if cpu_isa is not None and not isinstance(cpu_isa, str):
+            raise InvalidInputError(f"cpu_isa must be None or a path name such as 'avx2', got {brief(cpu_isa)}")
+        self._backend, self.backend_notes = open_backend(self.bundle, backend, precision, threads=threads, device_id=device_id,
+                                                         cpu_isa=cpu_isa)
         limit = self._backend.max_batch_size
         self.max_batch_size = min(max_batch_size, limit) if limit else max_batch_size
         self.max_seq_len = min(self.bundle.max_seq_len, self._backend.max_seq_len or self.bundle.max_seq_len)

@@ -25,7 +25,7 @@ MODEL_TYPES = ("bert", "distilbert", "roberta", "electra")
 # "onnx": graphs for ONNX Runtime (may hold com.microsoft fused ops);
 # "onnx-trt": standard-op graphs, the inputs `python -m export build-trt` builds plans from;
 # "tensorrt": serialized TensorRT engines (.plan), valid for one TensorRT version and one GPU;
-# "native": float32 weights (.npz, no pickle) of the native AMX encoder, its config in the entry.
+# "native": float32 weights (.npz, no pickle) of the native encoder, its config in the entry.
 ARTIFACT_FORMATS = ("onnx", "onnx-trt", "tensorrt", "native")
 PRECISIONS = ("fp32", "fp16", "int8")
 KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")

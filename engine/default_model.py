@@ -27,7 +27,7 @@ CHECKPOINT_DIR = Path(__file__).resolve().parent / "models" / DEFAULT_MODEL_NAME
 DEFAULT_PRECISIONS = ("fp32", "int8")
 # Bumped whenever the export stage makes different files for the same checkpoint, so cached
 # bundles from an older recipe are rebuilt. 2: CPU graphs without SkipLayerNormalization;
-# 3: the native AMX encoder's weights.
+# 3: the native encoder's weights.
 BUNDLE_RECIPE = 3
 # Measured on all 10,570 SQuAD v1.1 dev questions, official scoring (MODEL_CARD.md), recorded in the manifest.
 MEASURED_ACCURACY = {

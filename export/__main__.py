@@ -95,7 +95,7 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorrt", type=_csv(TRT_PRECISIONS), default=(), help="build TensorRT plans now (needs tensorrt and a GPU): fp16,int8")
     p.add_argument("--tensorrt-onnx", type=_csv(TRT_PRECISIONS, allow_none=True), default=("fp16",),
                    help="TensorRT input graphs to ship for a later build-trt on the target GPU: fp16,int8 or none (default: fp16)")
-    p.add_argument("--no-native", action="store_true", help="leave out the native AMX encoder's weights (backend 'native')")
+    p.add_argument("--no-native", action="store_true", help="leave out the native encoder's weights (backend 'native')")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p

@@ -41,7 +41,7 @@ class ExportOptions:
     min_int8_span_agreement: float = 0.5  # guard against a broken INT8 graph (accuracy is measured by the bench)
     tensorrt: tuple[str, ...] = ()  # plans to build now (needs tensorrt and a GPU)
     tensorrt_onnx: tuple[str, ...] = ("fp16",)  # TensorRT input graphs to ship, for build-trt on the target GPU
-    native: bool = True  # write the native AMX encoder's float32 weights (engine backend "native")
+    native: bool = True  # write the native encoder's float32 weights (engine backend "native")
     accuracy: dict[str, Any] | None = None  # measured figures to record (e.g. from a model card), by precision
     force: bool = False
     quiet: bool = False
@@ -275,28 +275,30 @@ def export_bundle(model_dir: str | Path, out: str | Path, opts: ExportOptions | 
 
 def _write_native(w: BundleWriter, model: Any, spec: Any, reference: list[Any], batches: list[EncodedBatch],
                   opts: ExportOptions) -> dict[str, Any]:
-    """Write the native encoder's weights as an artifact and, where this CPU has AMX, check its
-    INT8, BF16 and FP32 logits against PyTorch like the ONNX graphs (else say why it was not
-    checked). FP32 must stay within NATIVE_FP32_ATOL and give the same best spans."""
+    """Write the native encoder's weights as an artifact and check its INT8, BF16 (where this CPU
+    computes it) and FP32 logits against PyTorch like the ONNX graphs, on this CPU's best path (else
+    say why it was not checked). FP32 must stay within NATIVE_FP32_ATOL and give the same best spans."""
     from engine.backends.base import default_threads
-    from engine.backends.native import FORMAT, amx_status, encoder_config, import_encoder
+    from engine.backends.native import FORMAT, choose_isa, encoder_config, import_encoder
+    from engine.errors import BackendUnavailableError
     from export.native import NATIVE_FILE, write_native
     from export.onnx import verify_against
 
     config, weights = write_native(model, spec, w.path(NATIVE_FILE))
     entry = w.add_artifact(NATIVE_FILE, format=FORMAT, precision="fp32", encoder=config, computes=["int8", "bf16", "fp32"])
-    ok, reason = amx_status()
-    if not ok:
-        return {"checked": False, "reason": reason}
-    module = import_encoder()
+    try:
+        module = import_encoder()
+        isa = choose_isa(module)
+    except BackendUnavailableError as e:
+        return {"checked": False, "reason": str(e)}
     checked_config = encoder_config(w.tmp, entry)  # what the backend will read from the manifest entry
-    figures: dict[str, Any] = {"checked": True}
-    for precision in ("int8", "bf16", "fp32"):
-        enc = module.Encoder(checked_config, weights, precision, default_threads())
+    figures: dict[str, Any] = {"checked": True, "isa": isa}
+    for precision in module.isa_precisions(isa):
+        enc = module.Encoder(checked_config, weights, precision, default_threads(), isa)
         exact = precision == "fp32"
         figures[precision] = verify_against(reference, _EncoderSession(enc), batches, atol=NATIVE_FP32_ATOL if exact else None,
                                             min_span_agreement=1.0 if exact else opts.min_int8_span_agreement,
-                                            label=f"native {precision} encoder")
+                                            label=f"native {precision} encoder ({isa})")
     return figures
 
 

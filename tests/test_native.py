@@ -1,6 +1,7 @@
-"""The native AMX encoder (kernels/encoder_cpu.cpp, backend "native") against PyTorch, the oracle:
-small random models of every supported family, odd sizes (tails of every vector loop and tile),
-batch invariance, thread-count invariance, input errors, and the backend's refusals without AMX."""
+"""The native encoder (kernels/encoder/, backend "native") against PyTorch, the oracle: small random
+models of every supported family, odd sizes (tails of every vector loop and tile), on every
+instruction-set path this CPU runs (the others skip, by name) and against each other; batch
+invariance, thread-count invariance, input errors, the ISA cap and the backend's refusals."""
 
 from __future__ import annotations
 
@@ -19,15 +20,30 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
-def _amx() -> tuple[bool, str]:
-    ok, why = native_backend.amx_status()
-    if ok and importlib.util.find_spec("engine._encoder") is None:
-        return False, "engine._encoder was not built"
-    return ok, why
+def _paths() -> tuple[list[str], list[str], str]:
+    """(every path of this build, the paths this CPU runs, why the module is missing or '')."""
+    try:
+        from engine import _encoder
+    except ImportError as e:
+        return [], [], f"engine._encoder was not built: {e}"
+    return list(_encoder.known_isas()), list(_encoder.runnable_isas()), ""
 
 
-AMX_OK, AMX_WHY = _amx()
-needs_amx = pytest.mark.skipif(not AMX_OK, reason=f"native encoder cannot run here: {AMX_WHY}")
+KNOWN_ISAS, RUNNABLE_ISAS, MISSING = _paths()
+needs_encoder = pytest.mark.skipif(bool(MISSING), reason=MISSING or "ok")
+BEST = RUNNABLE_ISAS[0] if RUNNABLE_ISAS else "generic"
+# every path of the build x precision: run where this CPU can, skipped by name elsewhere
+PATH_PRECISIONS = [(isa, p) for isa in ["amx", "avx512_vnni", "avx2", "neon", "generic"] for p in ("int8", "bf16", "fp32")]
+
+
+def _skip_unless_runs(isa: str, precision: str) -> None:
+    from engine import _encoder
+
+    if isa not in RUNNABLE_ISAS:
+        why = dict(_encoder.isa_status()).get(isa, "not built for this architecture")
+        pytest.skip(f"the {isa} path cannot run here: {why}")
+    if precision not in _encoder.isa_precisions(isa):
+        pytest.skip(f"the {isa} path does not compute {precision} on this CPU")
 
 
 def _spec(model_type: str, cfg: Any) -> Any:
@@ -86,12 +102,12 @@ def _torch(model: Any, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.nda
     return out.start_logits.numpy(), out.end_logits.numpy()
 
 
-def _encoder(model: Any, spec: Any, precision: str, threads: int = 2) -> Any:
+def _encoder(model: Any, spec: Any, precision: str, threads: int = 2, isa: str = "") -> Any:
     from engine import _encoder
     from export.native import native_weights
 
     config, weights = native_weights(model, spec)
-    return _encoder.Encoder(config, weights, precision, threads)
+    return _encoder.Encoder(config, weights, precision, threads, isa)
 
 
 def _run(enc: Any, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -104,19 +120,26 @@ SHAPES = [("bert", 64, 2, 128), ("bert", 128, 2, 256), ("bert", 48, 2, 100), ("b
           ("roberta", 64, 2, 128), ("electra", 64, 2, 128), ("distilbert", 64, 2, 128)]
 
 
-@needs_amx
-@pytest.mark.parametrize("precision,tol", [("fp32", 2e-5), ("bf16", 0.03), ("int8", 0.06)])
+TOLERANCE = {"fp32": 2e-5, "bf16": 0.03, "int8": 0.06}
+
+
+@needs_encoder
+@pytest.mark.parametrize("isa,precision", PATH_PRECISIONS)
 @pytest.mark.parametrize("family,hidden,heads,inter", SHAPES)
-def test_logits_match_pytorch(family: str, hidden: int, heads: int, inter: int, precision: str, tol: float) -> None:
+def test_logits_match_pytorch(family: str, hidden: int, heads: int, inter: int, isa: str, precision: str) -> None:
+    _skip_unless_runs(isa, precision)
+    tol = TOLERANCE[precision]
     model, spec = _model(family, hidden, heads, inter)
     feeds = _inputs(family, [57, 33, 1, 90], 90)
     ref = _torch(model, feeds)
-    got = _run(_encoder(model, spec, precision), feeds)
+    enc = _encoder(model, spec, precision, isa=isa)
+    assert enc.isa == isa
+    got = _run(enc, feeds)
     mask = feeds["attention_mask"].astype(bool)
     for r, g in zip(ref, got):
         scale = float(np.abs(r[mask]).max())
         err = float(np.abs(r - g)[mask].max())
-        assert err <= tol * scale, f"{family} {precision}: max |diff| {err:.4g} vs max |logit| {scale:.4g}"
+        assert err <= tol * scale, f"{family} {isa} {precision}: max |diff| {err:.4g} vs max |logit| {scale:.4g}"
         assert np.all(g[~mask] == -10000.0)  # positions past a window's length
         # the ranking the span search relies on: per window, the best token is the same or a near tie
         for row in range(r.shape[0]):
@@ -125,13 +148,36 @@ def test_logits_match_pytorch(family: str, hidden: int, heads: int, inter: int, 
             assert r[row, best] >= r[row, :n].max() - 2 * tol * scale
 
 
-@needs_amx
-@pytest.mark.parametrize("precision", ["int8", "bf16", "fp32"])
-def test_a_window_gets_the_same_logits_whatever_its_batch_and_thread_count(precision: str) -> None:
+@needs_encoder
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_every_path_agrees_with_the_others(precision: str) -> None:
+    """The paths share their numerics (int8: the same quantized weights and activations, exact int32
+    sums), so they agree far more closely than each does with PyTorch (AMX: bf16 attention)."""
+    model, spec = _model("bert", 48, 2, 100)
+    feeds = _inputs("bert", [57, 33, 1, 90], 90)
+    mask = feeds["attention_mask"].astype(bool)
+    outs = {isa: _run(_encoder(model, spec, precision, isa=isa), feeds) for isa in RUNNABLE_ISAS}
+    assert len(outs) >= 1 and "generic" in outs
+    ref = outs["generic"]
+    scale = float(np.abs(ref[0][mask]).max())
+    for isa, got in outs.items():
+        tol = 2e-5 if precision == "fp32" else (0.03 if isa == "amx" else 1e-3)
+        for r, g in zip(ref, got):
+            err = float(np.abs(r - g)[mask].max())
+            assert err <= tol * scale, f"{isa} vs generic {precision}: max |diff| {err:.4g} (max |logit| {scale:.4g})"
+
+
+@needs_encoder
+@pytest.mark.parametrize("isa,precision", PATH_PRECISIONS)
+def test_a_window_gets_the_same_logits_whatever_its_batch_and_thread_count(isa: str, precision: str) -> None:
+    _skip_unless_runs(isa, precision)
     model, spec = _model("bert")
-    enc2, enc1 = _encoder(model, spec, precision, threads=2), _encoder(model, spec, precision, threads=1)
+    enc2, enc1 = _encoder(model, spec, precision, threads=2, isa=isa), _encoder(model, spec, precision, threads=1, isa=isa)
+    enc3 = _encoder(model, spec, precision, threads=3, isa=isa)
     batch = _inputs("bert", [70, 12, 45, 88, 3], 96, seed=1)
     s, e = _run(enc2, batch)
+    s3, e3 = _run(enc3, batch)
+    assert np.array_equal(s, s3) and np.array_equal(e, e3)
     for row, n in enumerate([70, 12, 45, 88, 3]):
         alone = {k: v[row:row + 1, :n] for k, v in batch.items()}
         s1, e1 = _run(enc2, alone)
@@ -141,7 +187,7 @@ def test_a_window_gets_the_same_logits_whatever_its_batch_and_thread_count(preci
         assert np.array_equal(sp[0, :n], s[row, :n])
 
 
-@needs_amx
+@needs_encoder
 def test_concurrent_calls_give_the_serial_results() -> None:
     model, spec = _model("bert")
     enc = _encoder(model, spec, "int8")
@@ -163,7 +209,7 @@ def test_concurrent_calls_give_the_serial_results() -> None:
     assert errors == []
 
 
-@needs_amx
+@needs_encoder
 def test_bad_inputs_are_value_errors() -> None:
     model, spec = _model("bert")
     enc = _encoder(model, spec, "int8")
@@ -189,6 +235,11 @@ def test_bad_inputs_are_value_errors() -> None:
         module.Encoder(config, weights, "int8", 1)
     with pytest.raises(ValueError, match="'int8', 'bf16' or 'fp32'"):
         module.Encoder(*native_weights(model, spec), "fp16", 1)
+    with pytest.raises(ValueError, match="unknown instruction-set path 'sse9'"):
+        module.Encoder(*native_weights(model, spec), "fp32", 1, "sse9")
+    if "bf16" not in module.isa_precisions("generic"):
+        with pytest.raises(RuntimeError, match="generic path does not compute bf16"):
+            module.Encoder(*native_weights(model, spec), "bf16", 1, "generic")
 
 
 def test_unsupported_activation_is_refused_at_export() -> None:
@@ -203,7 +254,44 @@ def test_unsupported_activation_is_refused_at_export() -> None:
         native_weights(model, _spec("bert", cfg))
 
 
-def test_without_amx_the_backend_is_unavailable_and_auto_moves_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@needs_encoder
+def test_the_isa_cap_picks_the_path_and_refuses_unknown_or_missing_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine import Engine
+    from engine.errors import InvalidInputError
+    from export.pipeline import ExportOptions, export_bundle
+
+    ckpt = tmp_path / "ckpt"
+    model, _ = _model("bert", 64, 2, 128)
+    model.save_pretrained(ckpt)
+    _tokenizer(ckpt)
+    bundle = export_bundle(ckpt, tmp_path / "bundle", ExportOptions(precisions=("int8",), max_seq_len=64, tensorrt_onnx=(), quiet=True))
+    context = "the river runs past the old mill and the bridge near the town"
+    answers = {}
+    for isa in RUNNABLE_ISAS:  # the option, then the environment variable
+        with Engine(bundle, backend="native", cpu_isa=isa, threads=1) as e:
+            assert e.backend_details["isa"] == isa and e.backend_details["linear_layers"]
+            answers[isa] = e.answer("where is the mill?", context).text
+        monkeypatch.setenv("SPANRT_CPU_ISA", isa)
+        with Engine(bundle, backend="native", threads=1) as e:
+            assert e.backend_details["isa"] == isa
+        monkeypatch.delenv("SPANRT_CPU_ISA")
+    assert len(set(answers.values())) == 1, answers  # every path gives the same answer
+    with Engine(bundle, backend="native", threads=1) as best:
+        assert best.backend_details["isa"] == BEST
+    with pytest.raises(InvalidInputError, match="not an instruction-set path.*knows"):
+        Engine(bundle, backend="native", cpu_isa="sse9")
+    monkeypatch.setenv("SPANRT_CPU_ISA", "avx1024")
+    with pytest.raises(InvalidInputError, match="SPANRT_CPU_ISA='avx1024'"):
+        Engine(bundle, backend="native")
+    monkeypatch.delenv("SPANRT_CPU_ISA")
+    missing = [isa for isa in KNOWN_ISAS if isa not in RUNNABLE_ISAS] or (["neon"] if "neon" not in KNOWN_ISAS else [])
+    for isa in missing:
+        with pytest.raises((BackendUnavailableError, InvalidInputError), match="cannot run on this CPU|not an instruction-set path"):
+            Engine(bundle, backend="native", cpu_isa=isa)
+
+
+@needs_encoder
+def test_auto_skips_the_generic_path_and_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from engine import Engine
     from export.pipeline import ExportOptions, export_bundle
 
@@ -212,17 +300,22 @@ def test_without_amx_the_backend_is_unavailable_and_auto_moves_on(tmp_path: Path
     model.save_pretrained(ckpt)
     _tokenizer(ckpt)
     bundle = export_bundle(ckpt, tmp_path / "bundle", ExportOptions(precisions=("int8",), max_seq_len=64, tensorrt_onnx=(), quiet=True))
-    monkeypatch.setattr(native_backend, "amx_status", lambda: (False, "this CPU lacks AMX-INT8 (test)"))
-    with pytest.raises(BackendUnavailableError, match="needs Intel AMX and AVX-512 BF16: this CPU lacks AMX-INT8"):
-        Engine(bundle, backend="native")
+    with Engine(bundle, precision="int8", threads=1) as e:  # the best path: native, unless only generic runs here
+        assert (e.backend == "native") == (BEST != "generic")
+    monkeypatch.setenv("SPANRT_CPU_ISA", "generic")  # a CPU with no tuned path
     with Engine(bundle, precision="int8", threads=1) as e:
         assert e.backend != "native"
-        assert any(n.startswith("native: ") and "AMX-INT8 (test)" in n for n in e.backend_notes)
+        assert any(n.startswith("native: the generic path") for n in e.backend_notes), e.backend_notes
+    with Engine(bundle, backend="native", threads=1) as e:  # asked for by name, it runs
+        assert e.backend_details["isa"] == "generic"
+    monkeypatch.setattr(native_backend, "import_encoder", lambda: (_ for _ in ()).throw(BackendUnavailableError("not built (test)")))
+    with Engine(bundle, precision="int8", threads=1) as e:
+        assert e.backend != "native" and any("not built (test)" in n for n in e.backend_notes)
+    monkeypatch.undo()
     # --no-native: no weights, and the backend says which artifact is missing
     lean = export_bundle(ckpt, tmp_path / "lean", ExportOptions(precisions=("int8",), max_seq_len=64, tensorrt_onnx=(), native=False,
                                                                   quiet=True))
     assert not (lean / "model.native.npz").exists()
-    monkeypatch.setattr(native_backend, "amx_status", lambda: (True, "test"))
     with pytest.raises(BackendUnavailableError, match="needs the fp32 native model"):
         Engine(lean, backend="native")
 
@@ -236,7 +329,7 @@ def _tokenizer(folder: Path) -> None:
     transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
 
 
-@needs_amx
+@needs_encoder
 def test_export_writes_and_checks_the_native_weights_and_the_engine_runs_them(tmp_path: Path) -> None:
     from engine import Engine
     from engine.bundle import load_bundle
@@ -271,7 +364,7 @@ def test_export_writes_and_checks_the_native_weights_and_the_engine_runs_them(tm
         Engine(path, backend="native", precision="fp16")
 
 
-@needs_amx
+@needs_encoder
 def test_a_forked_child_can_use_an_encoder_its_parent_ran() -> None:
     """gunicorn --preload and multiprocessing's fork: the parent has run the encoder (its threads
     started), the child uses the same object. OpenMP's libgomp hangs here; the encoder's own team

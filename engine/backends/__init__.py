@@ -1,7 +1,7 @@
 """Model backends, one module each, imported only when asked for.
 
-``open_backend(bundle, "auto")`` tries TensorRT, then ONNX Runtime CUDA, then SpanRT's native AMX
-encoder (int8, fp32), then ONNX Runtime with the OpenVINO plugin (bf16, when installed), then
+``open_backend(bundle, "auto")`` tries TensorRT, then ONNX Runtime CUDA, then SpanRT's native
+encoder (int8, fp32; on every CPU path but the untuned generic one), then ONNX Runtime with the OpenVINO plugin (bf16, when installed), then
 ONNX Runtime CPU and
 records why each faster one was skipped; any explicitly named backend or precision that cannot run
 raises BackendUnavailableError (never a quiet substitution). The torch backend is a reference and
@@ -24,7 +24,8 @@ logger = logging.getLogger("engine")
 __all__ = ["AUTO_ORDER", "BACKENDS", "Backend", "default_threads", "open_backend"]
 
 
-def _open_one(name: str, bundle: Bundle, precision: str | None, threads: int | None, device_id: int) -> Backend:
+def _open_one(name: str, bundle: Bundle, precision: str | None, threads: int | None, device_id: int,
+              cpu_isa: str | None = None) -> Backend:
     if name == "onnxruntime":
         from engine.backends.onnxruntime_cpu import OnnxRuntimeCPU
 
@@ -32,7 +33,7 @@ def _open_one(name: str, bundle: Bundle, precision: str | None, threads: int | N
     if name == "native":
         from engine.backends.native import NativeCPU
 
-        return NativeCPU(bundle, precision, threads=threads)
+        return NativeCPU(bundle, precision, threads=threads, cpu_isa=cpu_isa)
     if name == "onnxruntime-openvino":
         from engine.backends.onnxruntime_openvino import OnnxRuntimeOpenVINO
 
@@ -53,10 +54,12 @@ def _open_one(name: str, bundle: Bundle, precision: str | None, threads: int | N
 
 
 def open_backend(bundle: Bundle, backend: str = "auto", precision: str | None = None, *,
-                 threads: int | None = None, device_id: int = 0) -> tuple[Backend, tuple[str, ...]]:
-    """The loaded backend and, for "auto", why each faster backend was skipped (also logged)."""
+                 threads: int | None = None, device_id: int = 0, cpu_isa: str | None = None) -> tuple[Backend, tuple[str, ...]]:
+    """The loaded backend and, for "auto", why each faster backend was skipped (also logged).
+
+    ``cpu_isa`` caps the native encoder's instruction-set path (else $SPANRT_CPU_ISA)."""
     if backend != "auto":
-        return _open_one(backend, bundle, precision, threads, device_id), ()
+        return _open_one(backend, bundle, precision, threads, device_id, cpu_isa), ()
     skipped: list[str] = []
     for name in AUTO_ORDER:
         want = precision
@@ -67,6 +70,15 @@ def open_backend(bundle: Bundle, backend: str = "auto", precision: str | None = 
                 skipped.append(f"{name}: not used for {precision} by auto (ask for backend='native' explicitly)")
                 continue
             want = precision or "int8"
+            try:
+                from engine.backends.native import auto_skip_reason
+
+                why = auto_skip_reason(cpu_isa)
+            except BackendUnavailableError as e:
+                why = str(e)
+            if why is not None:
+                skipped.append(f"{name}: {why}")
+                continue
         elif name == "onnxruntime-openvino":
             # Only its BF16 beats ONNX Runtime's own CPU models (int8, fp32); its FP32 does not.
             if precision not in (None, "bf16"):
@@ -77,7 +89,7 @@ def open_backend(bundle: Bundle, backend: str = "auto", precision: str | None = 
             skipped.append(f"{name}: bundle has no {want} model for it")
             continue
         try:
-            chosen = _open_one(name, bundle, want, threads, device_id)
+            chosen = _open_one(name, bundle, want, threads, device_id, cpu_isa)
         except BackendUnavailableError as e:
             skipped.append(f"{name}: {e}")
             logger.info("spanrt auto backend: skipping %s: %s", name, e)

@@ -1,24 +1,26 @@
-"""SpanRT's own encoder on the CPU: INT8 (the default) or BF16 on Intel AMX, or FP32.
+"""SpanRT's own encoder on the CPU: INT8 (the default), BF16 or FP32, on every CPU.
 
-The encoder is C++ (kernels/encoder_cpu.cpp, module ``engine._encoder``): linear layers on AMX
-tiles in INT8 (per-token dynamic activation scales, per-channel weight scales, int32 sums) or
-BF16, attention in BF16 with an fp32 softmax, LayerNorm/GELU/residuals in fp32; or everything in
-FP32 with AVX-512 FMA (PyTorch's logits to ~1e-5). It reads the
-bundle's ``native`` artifact: the checkpoint's float32 weights under one naming (export/native.py),
-packed into tile layouts when the backend opens.
+The encoder is C++ (kernels/encoder/, module ``engine._encoder``): linear layers in INT8 (per-token
+dynamic activation scales, per-channel weight scales, exact int32 sums), BF16 (where the CPU
+computes bf16 natively) or FP32; LayerNorm/GELU/residuals in fp32. It reads the bundle's ``native``
+artifact: the checkpoint's float32 weights under one naming (engine/native_weights.py), packed for
+the chosen instruction-set path when the backend opens.
+
+The path is chosen at run time from what the CPU reports: ``amx`` (Intel Xeon Sapphire Rapids and
+newer), ``avx512_vnni`` (with AVX-512 BF16 where present: AMD Zen 4/5, Intel Ice Lake, Cascade
+Lake), ``avx2`` (AVX-VNNI where present), ``neon`` (AArch64 with sdot) or ``generic`` C++. A cap,
+as oneDNN's ONEDNN_MAX_CPU_ISA: the ``cpu_isa`` option or the environment variable
+``SPANRT_CPU_ISA`` names the highest path to use (tests run every lower path on one machine).
 
 Padding costs nothing: the windows of a batch are packed token after token, the linear layers run
 on real tokens only and attention runs per window on its own length. A window's logits are
-therefore the same whatever else is in its batch (bit for bit), unlike ONNX Runtime's INT8 model,
-whose dynamic activation scales are per batch.
-
-Needs a CPU with AMX and AVX-512 BF16 (Intel Xeon Sapphire Rapids or newer) and Linux's permission
-for the AMX tile state: ``engine._kernels.amx_status()`` checks both before the AVX-512 module is
-imported; anywhere else this backend raises BackendUnavailableError and ``auto`` moves on.
+therefore the same whatever else is in its batch (bit for bit, on every path), unlike ONNX
+Runtime's INT8 model, whose dynamic activation scales are per batch.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,37 +37,57 @@ from engine.backends.base import (
     require_artifact,
 )
 from engine.bundle import Bundle
-from engine.errors import BackendUnavailableError, BundleError
+from engine.errors import BackendUnavailableError, BundleError, InvalidInputError
 
 NAME = "native"
 FORMAT = "native"  # the bundle artifact: float32 weights (.npz) + the encoder config in the manifest
 PRECISIONS = ("int8", "bf16", "fp32")
-LINEAR_LAYERS = {"int8": "int8 on AMX (per-token activation, per-channel weight scales)", "bf16": "bf16 on AMX",
-                 "fp32": "fp32, AVX-512 FMA"}
+ISA_ENV = "SPANRT_CPU_ISA"
+# Paths "auto" uses: measured faster than ONNX Runtime's CPU provider at the same precision
+# (README, "The native encoder on every CPU"). The generic C++ path is correct, not tuned: "auto"
+# leaves it to ONNX Runtime, and backend="native" still runs it.
+AUTO_ISAS = ("amx", "avx512_vnni", "avx2", "neon")
 CONFIG_KEYS = ("vocab_size", "max_positions", "type_vocab_size", "embedding_size", "hidden_size", "num_layers", "num_heads",
                "intermediate_size", "position_offset", "layer_norm_eps")
-BUILD_HINT = ("reinstall spanrt on an x86-64 machine with a compiler that has -mamx-int8 (GCC 11+, Clang 12+) "
-              "(SPANRT_ENCODER=ON makes the build fail loudly instead of leaving it out)")
-
-
-def amx_status() -> tuple[bool, str]:
-    """(ok, reason): whether this CPU and OS can run the native encoder (no AVX-512 code runs)."""
-    from engine import _kernels
-
-    ok, reason = _kernels.amx_status()
-    return bool(ok), str(reason)
+BUILD_HINT = ("reinstall spanrt with a C++17 compiler that knows this CPU's instruction sets (x86-64: GCC 11+ or Clang 12+; "
+              "AArch64: -march=armv8.2-a+dotprod); SPANRT_ENCODER=ON makes the build fail loudly instead of leaving it out")
 
 
 def import_encoder() -> Any:
-    """The engine._encoder module, after checking the CPU; else BackendUnavailableError."""
-    ok, reason = amx_status()
-    if not ok:
-        raise BackendUnavailableError(f"backend 'native' needs Intel AMX and AVX-512 BF16: {reason}")
+    """The engine._encoder module (importable on every CPU), or BackendUnavailableError."""
     try:
         from engine import _encoder
     except ImportError as e:
         raise BackendUnavailableError(f"backend 'native': the encoder module engine._encoder was not built ({e}); {BUILD_HINT}") from e
     return _encoder
+
+
+def choose_isa(module: Any, cap: str | None = None) -> str:
+    """The path to run: the best this CPU runs, at most ``cap`` (else $SPANRT_CPU_ISA).
+
+    InvalidInputError for an unknown name; BackendUnavailableError for a path this CPU cannot run."""
+    source = "cpu_isa"
+    if cap is None:
+        cap, source = os.environ.get(ISA_ENV) or None, ISA_ENV
+    status = dict(module.isa_status())  # path -> "" or why it cannot run, best first
+    known = list(status)
+    if cap is None:
+        return str(module.runnable_isas()[0])
+    if cap not in status:
+        raise InvalidInputError(f"{source}={cap!r} is not an instruction-set path of the native encoder; this build knows "
+                                f"{', '.join(known)} (best first)")
+    if status[cap]:
+        raise BackendUnavailableError(f"backend 'native': {source}={cap!r} cannot run on this CPU: {status[cap]}")
+    return cap
+
+
+def auto_skip_reason(cap: str | None = None) -> str | None:
+    """Why "auto" should not use the native encoder here (None: use it)."""
+    isa = choose_isa(import_encoder(), cap)
+    if isa not in AUTO_ISAS:
+        return (f"the {isa} path (portable C++, no vector instruction set this build tunes for) is slower than ONNX Runtime; "
+                "backend='native' runs it on request")
+    return None
 
 
 def encoder_config(root: Path, info: Mapping[str, Any]) -> dict[str, Any]:
@@ -80,14 +102,14 @@ def encoder_config(root: Path, info: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class NativeCPU(Backend):
-    """The native encoder on the bundle's float32 weights: INT8 or BF16 on AMX, or FP32."""
+    """The native encoder on the bundle's float32 weights: INT8, BF16 or FP32 on this CPU's best path."""
 
     name = NAME
     device = "cpu"
     max_batch_tokens = CPU_MAX_BATCH_TOKENS
     call_cost_tokens = CPU_CALL_COST_TOKENS
 
-    def __init__(self, bundle: Bundle, precision: str | None = None, *, threads: int | None = None) -> None:
+    def __init__(self, bundle: Bundle, precision: str | None = None, *, threads: int | None = None, cpu_isa: str | None = None) -> None:
         precision = precision or "int8"
         if precision not in PRECISIONS:
             raise BackendUnavailableError(f"backend 'native' runs {', '.join(PRECISIONS)}, not {precision}: "
@@ -97,7 +119,12 @@ class NativeCPU(Backend):
             raise BundleError(f"bundle {bundle.root}: the native backend needs an attention_mask input, the manifest lists "
                               f"{bundle.input_names}. Fix: export the bundle again with python -m export")
         config = encoder_config(bundle.root, artifact.info)
-        module = import_encoder()  # after the bundle checks: the CPU check, then the AVX-512 module
+        module = import_encoder()
+        isa = choose_isa(module, cpu_isa)
+        if precision not in module.isa_precisions(isa):
+            raise BackendUnavailableError(f"backend 'native' computes {', '.join(module.isa_precisions(isa))} on the {isa} path of "
+                                          f"this CPU, not {precision}" +
+                                          (" (bf16 needs AVX-512 BF16 or AMX)" if precision == "bf16" else ""))
         try:
             with np.load(artifact.path, allow_pickle=False) as data:
                 weights = {k: data[k] for k in data.files}
@@ -106,15 +133,19 @@ class NativeCPU(Backend):
                               f"Fix: export the bundle again with python -m export") from e
         self.threads = threads or default_threads()
         try:
-            self.encoder = module.Encoder(config, weights, precision, self.threads)
+            self.encoder = module.Encoder(config, weights, precision, self.threads, isa)
         except ValueError as e:
             raise BundleError(f"bundle {bundle.root}: {artifact.path.name}: {e}. Fix: export the bundle again with python -m export") from e
+        except RuntimeError as e:
+            raise BackendUnavailableError(f"backend 'native': {e}") from e
         del weights
         self.precision = precision
+        self.isa = str(self.encoder.isa)
         self.input_names = bundle.input_names
         self.input_dtypes = {n: np.dtype(np.int64) for n in self.input_names}
-        self.details = {"encoder": "spanrt native (AVX-512)" if precision == "fp32" else "spanrt native (AMX)", "file": artifact.path.name, "threads": self.threads,
-                        "linear_layers": LINEAR_LAYERS[precision], "attention": "fp32" if precision == "fp32" else "bf16, fp32 softmax",
+        self.details = {"encoder": f"spanrt native ({self.isa})", "isa": self.isa, "file": artifact.path.name, "threads": self.threads,
+                        "linear_layers": self.encoder.linear_layers, "attention": self.encoder.attention,
+                        "cpu_features": [k for k, v in module.cpu_features().items() if v is True],
                         "padding_computed": False,
                         "max_batch_tokens": self.max_batch_tokens, "call_cost_tokens": self.call_cost_tokens,
                         "config": config}
