@@ -33,40 +33,60 @@ void pack(const void* src, int64_t out, int64_t in, int64_t k_pad, int64_t, void
     for (int64_t k = 0; k < in; ++k) d[(((n / kNb) * (k_pad / kG) + k / kG) * kNb + n % kNb) * kG + k % kG] = ro_to_bf16(w[n * in + k]);
 }
 
-template <int MR>
-void block_t(const LinearView& L, const uint16_t* a, int64_t lda, const uint16_t* panel, int64_t n0, Epilogue ep, float* out, int64_t ldo) {
-  __m512 acc[MR][4];
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_setzero_ps();
+// vdpbf16ps through inline asm (see isa_avx512.cpp: GCC copies the intrinsic's accumulator).
+inline void dpbf16(__m512& acc, __m512i a, __m512i b) { __asm__("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b)); }
+
+// 6 rows x 64 columns in 24 named accumulators (see isa_avx512.cpp); fewer rows repeat the last.
+#define SPANRT_ROW(i)                      \
+  {                                        \
+    int32_t pair;                          \
+    std::memcpy(&pair, a##i + o, 4);       \
+    const __m512i av = _mm512_set1_epi32(pair); \
+    dpbf16(c##i##0, av, b0);               \
+    dpbf16(c##i##1, av, b1);               \
+    dpbf16(c##i##2, av, b2);               \
+    dpbf16(c##i##3, av, b3);               \
+  }
+#define SPANRT_ZERO4(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = c##i##0, c##i##2 = c##i##0, c##i##3 = c##i##0;
+#define SPANRT_SAVE(i)  \
+  acc[i][0] = c##i##0;  \
+  acc[i][1] = c##i##1;  \
+  acc[i][2] = c##i##2;  \
+  acc[i][3] = c##i##3;
+
+void block(int64_t mr, const LinearView& L, const uint16_t* a, int64_t lda, const uint16_t* panel, int64_t n0, Epilogue ep, float* out,
+           int64_t ldo) {
+  const uint16_t* a0 = a;
+  const uint16_t* a1 = a + ro_min(1, mr - 1) * lda;
+  const uint16_t* a2 = a + ro_min(2, mr - 1) * lda;
+  const uint16_t* a3 = a + ro_min(3, mr - 1) * lda;
+  const uint16_t* a4 = a + ro_min(4, mr - 1) * lda;
+  const uint16_t* a5 = a + ro_min(5, mr - 1) * lda;
+  SPANRT_ZERO4(0) SPANRT_ZERO4(1) SPANRT_ZERO4(2) SPANRT_ZERO4(3) SPANRT_ZERO4(4) SPANRT_ZERO4(5)
   const int64_t groups = L.k_pad / kG;
   for (int64_t g = 0; g < groups; ++g) {
     const uint16_t* bp = panel + g * kNb * kG;
-    const __m512bh b0 = (__m512bh)_mm512_load_si512(bp), b1 = (__m512bh)_mm512_load_si512(bp + 32),
-                   b2 = (__m512bh)_mm512_load_si512(bp + 64), b3 = (__m512bh)_mm512_load_si512(bp + 96);
-#pragma GCC unroll 6
-    for (int i = 0; i < MR; ++i) {
-      int32_t pair;
-      std::memcpy(&pair, a + i * lda + g * kG, 4);
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
-      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
-      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
-      acc[i][2] = _mm512_dpbf16_ps(acc[i][2], av, b2);
-      acc[i][3] = _mm512_dpbf16_ps(acc[i][3], av, b3);
-    }
+    const __m512i b0 = _mm512_load_si512(bp), b1 = _mm512_load_si512(bp + 32), b2 = _mm512_load_si512(bp + 64),
+                  b3 = _mm512_load_si512(bp + 96);
+    const int64_t o = g * kG;
+    SPANRT_ROW(0) SPANRT_ROW(1) SPANRT_ROW(2) SPANRT_ROW(3) SPANRT_ROW(4) SPANRT_ROW(5)
   }
+  __m512 acc[6][4];
+  SPANRT_SAVE(0) SPANRT_SAVE(1) SPANRT_SAVE(2) SPANRT_SAVE(3) SPANRT_SAVE(4) SPANRT_SAVE(5)
   const int64_t ncols = ro_min(kNb, L.out - n0);
   for (int v = 0; v < 4; ++v) {
     if (16 * v >= ncols) break;
     const int64_t n = n0 + 16 * v;
     const __mmask16 mk = tail_mask(ncols - 16 * v);
     const __m512 bias = _mm512_loadu_ps(L.bias + n);
-    for (int i = 0; i < MR; ++i) _mm512_mask_storeu_ps(out + i * ldo + n, mk, _mm512_add_ps(acc[i][v], bias));
+    for (int64_t i = 0; i < mr; ++i) _mm512_mask_storeu_ps(out + i * ldo + n, mk, _mm512_add_ps(acc[i][v], bias));
   }
   if (ep == Epilogue::kBiasGelu)
-    for (int i = 0; i < MR; ++i) ro_gelu_inplace(out + i * ldo + n0, ncols);
+    for (int64_t i = 0; i < mr; ++i) ro_gelu_inplace(out + i * ldo + n0, ncols);
 }
+#undef SPANRT_ROW
+#undef SPANRT_ZERO4
+#undef SPANRT_SAVE
 
 void gemm(const LinearView& L, const void* a, int64_t lda, const float*, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1, Epilogue ep,
           float* out, int64_t ldo) {
@@ -81,14 +101,7 @@ void gemm(const LinearView& L, const void* a, int64_t lda, const float*, int64_t
       for (int64_t m = r0; m < r1; m += kMr) {
         const uint16_t* am = x + m * lda;
         float* om = out + m * ldo;
-        switch (ro_min(kMr, r1 - m)) {
-          case 6: block_t<6>(L, am, lda, panel, n0, ep, om, ldo); break;
-          case 5: block_t<5>(L, am, lda, panel, n0, ep, om, ldo); break;
-          case 4: block_t<4>(L, am, lda, panel, n0, ep, om, ldo); break;
-          case 3: block_t<3>(L, am, lda, panel, n0, ep, om, ldo); break;
-          case 2: block_t<2>(L, am, lda, panel, n0, ep, om, ldo); break;
-          default: block_t<1>(L, am, lda, panel, n0, ep, om, ldo); break;
-        }
+        block(ro_min(kMr, r1 - m), L, am, lda, panel, n0, ep, om, ldo);
       }
     }
   }

@@ -31,26 +31,42 @@ void pack(const void* src, int64_t out, int64_t in, int64_t k_pad, int64_t, void
   ro_pack_i8_groups(static_cast<const int8_t*>(src), out, in, k_pad, kNb, kG, static_cast<int8_t*>(dst), comp);
 }
 
-template <int MR>
-void block_t(const LinearView& L, const uint8_t* a, int64_t lda, const float* a_scale, const int8_t* panel, int64_t n0, Epilogue ep,
-             float* out, int64_t ldo) {
-  __m256i acc[MR][2];
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+// {vex} vpdpbusd through inline asm (see isa_avx512.cpp: GCC copies the intrinsic's accumulator).
+inline void dpbusd(__m256i& acc, __m256i a, __m256i b) { __asm__("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(a), "x"(b)); }
+
+// 6 rows x 16 columns in 12 named accumulators (see isa_avx512.cpp); fewer rows repeat the last.
+#define SPANRT_ROW(i)                       \
+  {                                         \
+    int32_t quad;                           \
+    std::memcpy(&quad, a##i + o, 4);        \
+    const __m256i av = _mm256_set1_epi32(quad); \
+    dpbusd(c##i##0, av, b0);                \
+    dpbusd(c##i##1, av, b1);                \
+  }
+#define SPANRT_ZERO2(i) __m256i c##i##0 = _mm256_setzero_si256(), c##i##1 = c##i##0;
+#define SPANRT_SAVE(i)  \
+  acc[i][0] = c##i##0;  \
+  acc[i][1] = c##i##1;
+
+void block(int64_t mr, const LinearView& L, const uint8_t* a, int64_t lda, const float* a_scale, const int8_t* panel, int64_t n0,
+           Epilogue ep, float* out, int64_t ldo) {
+  const uint8_t* a0 = a;
+  const uint8_t* a1 = a + ro_min(1, mr - 1) * lda;
+  const uint8_t* a2 = a + ro_min(2, mr - 1) * lda;
+  const uint8_t* a3 = a + ro_min(3, mr - 1) * lda;
+  const uint8_t* a4 = a + ro_min(4, mr - 1) * lda;
+  const uint8_t* a5 = a + ro_min(5, mr - 1) * lda;
+  SPANRT_ZERO2(0) SPANRT_ZERO2(1) SPANRT_ZERO2(2) SPANRT_ZERO2(3) SPANRT_ZERO2(4) SPANRT_ZERO2(5)
   const int64_t groups = L.k_pad / kG;
   for (int64_t g = 0; g < groups; ++g) {
     const int8_t* bp = panel + g * kNb * kG;
     const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(bp)),
                   b1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(bp + 32));
-#pragma GCC unroll 6
-    for (int i = 0; i < MR; ++i) {
-      int32_t quad;
-      std::memcpy(&quad, a + i * lda + g * kG, 4);
-      const __m256i av = _mm256_set1_epi32(quad);
-      acc[i][0] = _mm256_dpbusd_avx_epi32(acc[i][0], av, b0);
-      acc[i][1] = _mm256_dpbusd_avx_epi32(acc[i][1], av, b1);
-    }
+    const int64_t o = g * kG;
+    SPANRT_ROW(0) SPANRT_ROW(1) SPANRT_ROW(2) SPANRT_ROW(3) SPANRT_ROW(4) SPANRT_ROW(5)
   }
+  __m256i acc[6][2];
+  SPANRT_SAVE(0) SPANRT_SAVE(1) SPANRT_SAVE(2) SPANRT_SAVE(3) SPANRT_SAVE(4) SPANRT_SAVE(5)
   const int64_t ncols = ro_min(kNb, L.out - n0);
   for (int v = 0; v < 2; ++v) {
     if (8 * v >= ncols) break;
@@ -59,14 +75,17 @@ void block_t(const LinearView& L, const uint8_t* a, int64_t lda, const float* a_
     const __m256i comp = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(L.comp + n));
     const __m256 ws = _mm256_loadu_ps(L.scale + n);
     const __m256 bias = _mm256_loadu_ps(L.bias + n);
-    for (int i = 0; i < MR; ++i) {
+    for (int64_t i = 0; i < mr; ++i) {
       const __m256 x = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[i][v], comp));
       _mm256_maskstore_ps(out + i * ldo + n, mk, _mm256_fmadd_ps(x, _mm256_mul_ps(ws, _mm256_set1_ps(a_scale[i])), bias));
     }
   }
   if (ep == Epilogue::kBiasGelu)
-    for (int i = 0; i < MR; ++i) ro_gelu_inplace(out + i * ldo + n0, ncols);
+    for (int64_t i = 0; i < mr; ++i) ro_gelu_inplace(out + i * ldo + n0, ncols);
 }
+#undef SPANRT_ROW
+#undef SPANRT_ZERO2
+#undef SPANRT_SAVE
 
 void gemm(const LinearView& L, const void* a, int64_t lda, const float* a_scale, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1,
           Epilogue ep, float* out, int64_t ldo) {
@@ -81,14 +100,7 @@ void gemm(const LinearView& L, const void* a, int64_t lda, const float* a_scale,
       for (int64_t m = r0; m < r1; m += kMr) {
         const uint8_t* am = x + m * lda;
         float* om = out + m * ldo;
-        switch (ro_min(kMr, r1 - m)) {
-          case 6: block_t<6>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
-          case 5: block_t<5>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
-          case 4: block_t<4>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
-          case 3: block_t<3>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
-          case 2: block_t<2>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
-          default: block_t<1>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
-        }
+        block(ro_min(kMr, r1 - m), L, am, lda, a_scale + m, panel, n0, ep, om, ldo);
       }
     }
   }
