@@ -21,9 +21,10 @@ import numpy as np
 from typing_extensions import Self
 
 from engine.backends import BACKENDS, open_backend
+from engine.backends.base import check_logits
 from engine.batcher import Batch, WindowTable, build_batch, plan_batches
 from engine.bundle import PRECISIONS, Bundle, load_bundle
-from engine.errors import CallCancelledError, EngineClosedError, InvalidInputError, RequestTooLargeError, UnknownOptionError, brief
+from engine.errors import BundleError, CallCancelledError, EngineClosedError, InvalidInputError, RequestTooLargeError, UnknownOptionError, brief
 from engine.postprocess import Answer, Candidates, collect, finalize
 from engine.preprocess import (
     DEFAULT_MAX_QUESTION_LEN,
@@ -31,6 +32,7 @@ from engine.preprocess import (
     EncodedContext,
     Example,
     TextEncoder,
+    check_template,
     make_example,
 )
 
@@ -223,6 +225,8 @@ class Engine:
             raise InvalidInputError(f"bundle must be a bundle folder path or an engine.bundle.Bundle, got {type(bundle).__name__}")
         self._encoder = TextEncoder(self.bundle.tokenizer_path)
         self._template = self._encoder.template
+        check_template(self._template, self.bundle.tokenizer_path, cls_token_id=self.bundle.cls_token_id,
+                       sep_token_id=self.bundle.sep_token_id, expected=self.bundle.pair_template)
         self._context_cache = ContextCache(context_cache) if context_cache else None
         if cpu_isa is not None and not isinstance(cpu_isa, str):
             raise InvalidInputError(f"cpu_isa must be None or a path name such as 'avx2', got {brief(cpu_isa)}")
@@ -233,6 +237,11 @@ class Engine:
         self.max_seq_len = min(self.bundle.max_seq_len, self._backend.max_seq_len or self.bundle.max_seq_len)
         self.max_batch_tokens = max_batch_tokens if max_batch_tokens is not None else self._backend.max_batch_tokens
         self._pad_id = self.bundle.pad_token_id
+        try:
+            self._check_model_sizes()
+        except BaseException:
+            self._backend.close()
+            raise
         from engine.decode import span_search  # the C++/CUDA decoder (engine._kernels)
 
         self._span_search = span_search
@@ -357,6 +366,40 @@ class Engine:
         return f"Engine({str(self.bundle.root)!r}, backend={self.backend!r}, precision={self.precision!r})"
 
     # ---- internals ----------------------------------------------------------------------------
+    def _check_model_sizes(self) -> None:
+        """Run the model once on the largest input the tokenizer and windows can make: max_seq_len
+        tokens, the highest token id among them. A tokenizer larger than the model's embedding
+        table, or a max_seq_len above its position table, fails here, at load, with a BundleError
+        (not later, inside the runtime, on an unlucky input); so do outputs of the wrong kind."""
+        backend, n = self._backend, self.max_seq_len
+        top = self.bundle.vocab_size - 1
+
+        def probe(length: int, token: int) -> str | None:
+            ids = np.full((1, length), token, dtype=np.int64)
+            ids[0, 0], ids[0, -1] = self.bundle.cls_token_id, self.bundle.sep_token_id
+            batch = Batch.of_ids(ids)
+            try:
+                backend.run(batch.feeds(backend.input_names, backend.input_dtypes),
+                            lambda start, end, stream: check_logits(backend, start, end, ids.shape, None))
+            except BundleError:
+                raise
+            except Exception as e:  # noqa: BLE001 - each runtime raises its own types; the message is kept
+                return f"{type(e).__name__}: {str(e)[:300]}"
+            return None
+
+        failed = probe(n, top)
+        if failed is None:
+            return
+        where = f"bundle {self.bundle.root}: {backend.name} ({backend.details.get('file', 'the model')})"
+        fix = "Fix: export the bundle again with the model's own tokenizer and a --max-seq-len within its positions"
+        if probe(min(n, 4), top) is not None:
+            raise BundleError(f"{where}: the model fails on token id {top}, the tokenizer's highest ({self.bundle.vocab_size} "
+                              f"tokens): its embedding table is smaller than the vocabulary ({failed}). {fix}")
+        if probe(n, self.bundle.cls_token_id) is not None:
+            raise BundleError(f"{where}: the model fails on a window of max_seq_len={n} tokens: the bundle's max_seq_len is "
+                              f"above the model's positions ({failed}). {fix}")
+        raise BundleError(f"{where}: the model fails on a {n}-token window holding token id {top} ({failed}). {fix}")
+
     def _enter(self) -> None:
         with self._state:
             if self._closed:
@@ -452,6 +495,7 @@ class Engine:
 
             def consume(start: Any, end: Any, stream: int | None, batch: Any = batch, decode_t: list[float] = decode_t) -> Any:
                 t = time.perf_counter()
+                check_logits(backend, start, end, batch.input_ids.shape, answer_positions(batch.context_mask))
                 mask = batch.context_mask if backend.device == "cpu" else backend.to_device(batch.context_mask)
                 result = self._span_search(start, end, mask, max_answer_len=min(opts.max_answer_len, start.shape[1]),
                                            top_k=k, return_lse=True, return_null=opts.handle_impossible, stream=stream)
@@ -477,6 +521,14 @@ class Engine:
         decode_s += time.perf_counter() - t0
         self._add_stages(tokenize_s, model_s, decode_s)
         return answers
+
+
+def answer_positions(context_mask: np.ndarray) -> np.ndarray:
+    """The positions an answer is read from: the context tokens, and [CLS] at 0 (the null answer
+    and the softmax's extra term)."""
+    used = context_mask.copy()
+    used[:, 0] = True
+    return used
 
 
 def _host(result: Any, with_null: bool) -> tuple[np.ndarray, ...]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.errors import BundleError
 from engine.preprocess import Example
 
 
@@ -88,6 +89,11 @@ def collect(
     tok_end = spans[:, :, 1] + shift
     valid = spans[:, :, 0] >= 0
     nulls = np.exp(null_scores.astype(np.float64) - norm).tolist() if null_scores is not None else None
+    # The backend boundary checks host logits (engine.backends.base.check_logits); logits decoded
+    # on a GPU are checked here, where they became probabilities: a score is always finite.
+    if not np.isfinite(probs[valid]).all() or (nulls is not None and not np.isfinite(nulls).all()):
+        raise BundleError("the model's logits gave a non-finite answer score (NaN or infinite logits at the context "
+                          "tokens or [CLS]). Fix: export the bundle again (python -m export), or check the model file")
     for r, w in enumerate(windows.tolist()):
         keep = valid[r]
         candidates[example_of_window[w]].add(

@@ -69,6 +69,25 @@ def learn_template(tokenizer: object, tokenizer_path: Path) -> Template:
     )
 
 
+def check_template(template: Template, tokenizer_path: Path, *, cls_token_id: int, sep_token_id: int,
+                   expected: dict[str, tuple[int, ...]] | None) -> None:
+    """The tokenizer's pair layout is the one the model was exported with (``expected``, recorded
+    in the manifest), or, for bundles that did not record it, one that holds the model's [CLS] and
+    [SEP] tokens. A tokenizer.json whose post-processor was removed encodes pairs without them:
+    it would load and answer, with much lower scores."""
+    got = {"prefix": tuple(template.prefix.tolist()), "middle": tuple(template.middle.tolist()),
+           "suffix": tuple(template.suffix.tolist())}
+    fix = "export the bundle again with the model's own tokenizer (python -m export MODEL_DIR --out BUNDLE --force)"
+    if expected is not None and got != expected:
+        raise BundleError(f"tokenizer {tokenizer_path}: it puts {got} around a question/context pair, but the model was "
+                          f"exported with {expected} (its post-processor was changed or removed). Fix: {fix}")
+    special = got["prefix"] + got["middle"] + got["suffix"]
+    if cls_token_id not in special or sep_token_id not in special:
+        raise BundleError(f"tokenizer {tokenizer_path}: its (question, context) pair template has the special tokens "
+                          f"{list(special)}, without the model's cls ({cls_token_id}) and sep ({sep_token_id}) tokens (its "
+                          f"post-processor was removed or changed). Fix: {fix}")
+
+
 @dataclass(frozen=True)
 class EncodedContext:
     """A context's tokens: ids, character offsets into the context string, and word spans."""

@@ -98,6 +98,15 @@ def _save_tokenizer(model_dir: Path, dst: Path, vocab_rows: int) -> dict[str, An
     return info
 
 
+def _pair_template(tokenizer: Any, path: Path) -> dict[str, list[int]]:
+    """The special-token ids around a (question, context) pair: the runtime checks its tokenizer
+    still produces them (engine.preprocess.check_template)."""
+    from engine.preprocess import learn_template
+
+    t = learn_template(tokenizer, path)
+    return {"prefix": t.prefix.tolist(), "middle": t.middle.tolist(), "suffix": t.suffix.tolist()}
+
+
 def _verification_batches(tokenizer: Any, pairs: list[Pair], max_seq_len: int, input_names: tuple[str, ...], pad_id: int) -> list[EncodedBatch]:
     """Batches at several lengths and batch sizes: (1, 64), (4, 128), (8, L) padded to L, (3, natural length)."""
     lengths = sorted({min(64, max_seq_len), min(128, max_seq_len), max_seq_len})
@@ -140,6 +149,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, opts: ExportOptions | 
 
         tokenizer = Tokenizer.from_file(str(w.path("tokenizer.json")))
         pad_id = tok_info["pad_token_id"]
+        tok_info["pair_template"] = _pair_template(tokenizer, w.path("tokenizer.json"))
 
         pool = load_pairs(opts.calibration_data)
         random.Random(0).shuffle(pool)
@@ -243,6 +253,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, opts: ExportOptions | 
             "max_seq_len": opts.max_seq_len,
             "vocab_size": tok_info["vocab_size"],
             "model_vocab_size": spec.vocab_size,
+            "max_positions": spec.max_positions,
             "do_lower_case": tok_info["do_lower_case"],
             "inputs": list(spec.input_names),
             "outputs": list(onnx_export.OUTPUT_NAMES),

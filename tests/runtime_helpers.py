@@ -56,8 +56,12 @@ def lookup_tables(*, start: dict[int, float] | None = None, end: dict[int, float
     return s, e
 
 
-def write_lookup_onnx(path: Path, start_table: np.ndarray, end_table: np.ndarray, *, logits_dtype: str = "float32") -> None:
-    """An ONNX graph: start_logits = start_table[input_ids], end_logits = end_table[input_ids]."""
+def write_lookup_onnx(path: Path, start_table: np.ndarray, end_table: np.ndarray, *, logits_dtype: str = "float32",
+                      quantized: bool = False) -> None:
+    """An ONNX graph: start_logits = start_table[input_ids], end_logits = end_table[input_ids].
+
+    ``quantized`` adds an exact zero that passes through QuantizeLinear/DequantizeLinear, so the
+    graph is an int8 graph to the bundle loader and its logits stay the same numbers."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -78,11 +82,19 @@ def write_lookup_onnx(path: Path, start_table: np.ndarray, end_table: np.ndarray
         helper.make_node("Sub", ["mask_f", "one"], ["mask_pen0"]),
         helper.make_node("Mul", ["mask_pen0", "big"], ["mask_pen"]),
         helper.make_node("Mul", ["types_f", "zero"], ["types_zero"]),
-        helper.make_node("Add", ["mask_pen", "types_zero"], ["pen"]),
-        helper.make_node("Add", ["s_raw", "pen"], ["start_logits"]),
-        helper.make_node("Add", ["e_raw", "pen"], ["end_logits"]),
+        helper.make_node("Add", ["mask_pen", "types_zero"], ["pen_raw" if quantized else "pen"]),
     ]
+    outputs_nodes = [helper.make_node("Add", ["s_raw", "pen"], ["start_logits"]),
+                     helper.make_node("Add", ["e_raw", "pen"], ["end_logits"])]
     inits += [numpy_helper.from_array(np.array(v, dtype=np_type), n) for n, v in (("one", 1.0), ("big", 10000.0), ("zero", 0.0))]
+    if quantized:
+        inits += [numpy_helper.from_array(np.array(1.0, np.float32), "q_scale"), numpy_helper.from_array(np.array(0, np.int8), "q_zero")]
+        nodes += [helper.make_node("Cast", ["zero"], ["zero32"], to=TensorProto.FLOAT),
+                  helper.make_node("QuantizeLinear", ["zero32", "q_scale", "q_zero"], ["zero_q"]),
+                  helper.make_node("DequantizeLinear", ["zero_q", "q_scale", "q_zero"], ["zero_dq"]),
+                  helper.make_node("Cast", ["zero_dq"], ["zero_back"], to=ftype),
+                  helper.make_node("Add", ["pen_raw", "zero_back"], ["pen"])]
+    nodes += outputs_nodes
     graph = helper.make_graph(nodes, "lookup_span_model", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -100,7 +112,7 @@ def lookup_bundle(root: Path, *, start: dict[int, float] | None = None, end: dic
     artifacts = []
     for p in precisions:
         name = f"model.{p}.onnx"
-        write_lookup_onnx(root / name, s, e, logits_dtype="float16" if p == "fp16" else "float32")
+        write_lookup_onnx(root / name, s, e, logits_dtype="float16" if p == "fp16" else "float32", quantized=p == "int8")
         artifacts.append({"path": name, "format": "onnx", "precision": p, "sha256": _sha(root / name)})
     manifest = {
         "format": "spanrt-bundle", "format_version": 1, "model_type": "bert", "architecture": "BertForQuestionAnswering",

@@ -36,11 +36,32 @@ def _write_tokenizer(path: Path, vocab: list[str] = VOCAB) -> None:
     tok.save(str(path))
 
 
+def tiny_onnx(precision: str) -> bytes:
+    """A few-node ONNX graph of this precision: fp32 (float weights), int8 (a quantized operator),
+    fp16 (float16 weights), as the bundle loader tells them apart."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    if precision == "int8":
+        inits = [numpy_helper.from_array(np.array(0.5, np.float32), "scale"), numpy_helper.from_array(np.array(0, np.int8), "zero")]
+        nodes = [helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["q"]),
+                 helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["y"])]
+    else:
+        dtype = np.float16 if precision == "fp16" else np.float32
+        inits = [numpy_helper.from_array(np.ones(1, dtype), "w")]
+        nodes = [helper.make_node("Cast", ["w"], ["w32"], to=TensorProto.FLOAT), helper.make_node("Mul", ["x", "w32"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, f"tiny_{precision}", [x], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    return model.SerializeToString()
+
+
 def make_bundle(root: Path, **overrides: Any) -> Path:
-    """A valid bundle at root: tokenizer, two ONNX-like files, one TensorRT-like plan."""
+    """A valid bundle at root: tokenizer, two tiny ONNX graphs, one TensorRT-like plan."""
     root.mkdir(parents=True, exist_ok=True)
     _write_tokenizer(root / "tokenizer.json")
-    files = {"model.fp32.onnx": b"fp32-graph" * 100, "model.int8.onnx": b"int8-graph" * 50, "model.fp16.plan": b"plan" * 10}
+    files = {"model.fp32.onnx": tiny_onnx("fp32"), "model.int8.onnx": tiny_onnx("int8"), "model.fp16.plan": b"plan" * 10}
     for name, data in files.items():
         (root / name).write_bytes(data)
     manifest: dict[str, Any] = {
@@ -140,7 +161,7 @@ def test_malformed_manifest_json(tmp_path: Path, text: str) -> None:
         (lambda m: m.pop("vocab_size"), "missing key 'vocab_size'"),
         (lambda m: m.update(max_seq_len="384"), "'max_seq_len' is str"),
         (lambda m: m.update(max_seq_len=True), "'max_seq_len' is bool"),
-        (lambda m: m.update(max_seq_len=0), "must be > 0"),
+        (lambda m: m.update(max_seq_len=0), "must be between 1 and"),
         (lambda m: m.update(format="other"), "not a SpanRT bundle"),
         (lambda m: m.update(model_type="gpt2"), "unsupported model_type 'gpt2'"),
         (lambda m: m.update(inputs=["input_ids", "pixel_values"]), "malformed: inputs"),

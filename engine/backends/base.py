@@ -32,6 +32,11 @@ Consume = Callable[[Any, Any, "int | None"], T]
 CPU_MAX_BATCH_TOKENS = 1024
 CPU_CALL_COST_TOKENS = 32
 
+LOGIT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+# A span model's logits are tens at most (SQuAD models: |logit| < 30). Beyond this bound a float32
+# start + end sum and its softmax lose their meaning (3e38 + 3e38 is inf): the model is broken.
+MAX_ABS_LOGIT = 1e6
+
 
 def default_threads() -> int:
     """Intra-op threads when none are given: the CPU cores this process may run on."""
@@ -71,6 +76,37 @@ class Backend(abc.ABC):
 
     def close(self) -> None:
         """Free the model and its buffers; the backend is unusable afterwards."""
+
+
+def _dtype_and_shape(array: Any) -> tuple[np.dtype | None, tuple[int, ...] | None]:
+    cai = getattr(array, "__cuda_array_interface__", None)
+    if cai is not None:  # a device array: read what it is without copying it
+        return np.dtype(cai["typestr"]), tuple(cai["shape"])
+    dtype, shape = getattr(array, "dtype", None), getattr(array, "shape", None)
+    return (np.dtype(dtype) if isinstance(dtype, np.dtype) else None), (tuple(shape) if isinstance(shape, tuple) else None)
+
+
+def check_logits(backend: Backend, start: Any, end: Any, shape: tuple[int, int], used: np.ndarray | None) -> None:
+    """The model's outputs at the backend boundary, once per batch: float32/float16 arrays of the
+    batch's [B, S] shape, and on the host, finite and within +-MAX_ABS_LOGIT at the positions the
+    answer is read from (``used``: bool [B, S], the context tokens and [CLS]). Anything else is a
+    BundleError: the model file gives outputs no answer can come from (a NaN logit, a +inf that
+    would make a score NaN, float64, [B, S-1], 1-D ...). Costs a dtype/shape check and one pass
+    over the used logits."""
+    where = f"backend {backend.name!r} ({backend.details.get('file', 'its model')})"
+    fix = "Fix: export the bundle again (python -m export MODEL_DIR --out BUNDLE --force), or check the model file"
+    for name, array in (("start_logits", start), ("end_logits", end)):
+        dtype, got = _dtype_and_shape(array)
+        if dtype not in LOGIT_DTYPES or got != shape:
+            raise BundleError(f"{where}: the model's {name} is {dtype or type(array).__name__} {list(got) if got else ''}, "
+                              f"expected float32 or float16 {list(shape)} (one logit per token of the batch). {fix}")
+        if used is not None and not hasattr(array, "__cuda_array_interface__"):
+            values = np.asarray(array)[used].astype(np.float32, copy=False)
+            bad = ~(np.abs(values) <= MAX_ABS_LOGIT)  # NaN compares False: caught too
+            if bad.any():
+                row = int(np.nonzero(used)[0][np.argmax(bad)])
+                raise BundleError(f"{where}: the model's {name} holds {values[bad][0]} at a token the answer is read from "
+                                  f"(batch row {row}; logits must be finite, within +-{MAX_ABS_LOGIT:g}). {fix}")
 
 
 def require_artifact(bundle: Bundle, fmt: str, precision: str, backend: str) -> Artifact:
