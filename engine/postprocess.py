@@ -83,12 +83,13 @@ def collect(
     context token; ``spans``/``scores`` come from engine.decode.span_search (-1 / -inf unfilled).
     """
     norm = (start_lse + end_lse).astype(np.float64)
-    probs = np.exp(scores.astype(np.float64) - norm[:, None])
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: refused just below
+        probs = np.exp(scores.astype(np.float64) - norm[:, None])
+        nulls = np.exp(null_scores.astype(np.float64) - norm).tolist() if null_scores is not None else None
     shift = (window_start[windows] - context_pos)[:, None]
     tok_start = spans[:, :, 0] + shift
     tok_end = spans[:, :, 1] + shift
     valid = spans[:, :, 0] >= 0
-    nulls = np.exp(null_scores.astype(np.float64) - norm).tolist() if null_scores is not None else None
     # The backend boundary checks host logits (engine.backends.base.check_logits); logits decoded
     # on a GPU are checked here, where they became probabilities: a score is always finite.
     if not np.isfinite(probs[valid]).all() or (nulls is not None and not np.isfinite(nulls).all()):

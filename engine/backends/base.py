@@ -105,7 +105,7 @@ def check_logits(backend: Backend, start: Any, end: Any, shape: tuple[int, int],
             bad = ~(np.abs(values) <= MAX_ABS_LOGIT)  # NaN compares False: caught too
             if bad.any():
                 row = int(np.nonzero(used)[0][np.argmax(bad)])
-                raise BundleError(f"{where}: the model's {name} holds {values[bad][0]} at a token the answer is read from "
+                raise BundleError(f"{where}: the model's {name} holds {values[bad][0]:g} at a token the answer is read from "
                                   f"(batch row {row}; logits must be finite, within +-{MAX_ABS_LOGIT:g}). {fix}")
 
 
