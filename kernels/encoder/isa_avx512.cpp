@@ -78,6 +78,27 @@ constexpr int64_t kI8G = 4;
 
 size_t i8_packed_bytes(int64_t n_pad, int64_t k_pad) { return static_cast<size_t>(n_pad * k_pad); }
 
+// One row as q + 128 (u8), per-token scale amax / 127; the same numbers as ro_quantize_u8 (round
+// half to even of x * (1 / scale)), in intrinsics: GCC's auto-vectorised float -> u8 narrowing was
+// 13 % of a forward pass.
+void i8_quantize_row(const float* x, int64_t n, int64_t k_pad, void* dst, float* scale) {
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail_mask(n - j), x + j)));
+  const float m = _mm512_reduce_max_ps(amax);
+  const float s = m > 0.0f ? m / 127.0f : 1.0f;
+  *scale = s;
+  const __m512 inv = _mm512_set1_ps(1.0f / s);
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127), bias = _mm512_set1_epi32(128);
+  uint8_t* out = static_cast<uint8_t*>(dst);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 mk = tail_mask(n - j);
+    __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + j), inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(q, lo), hi), bias);
+    _mm_mask_storeu_epi8(out + j, mk, _mm512_cvtusepi32_epi8(q));
+  }
+  if (k_pad > n) std::memset(out + n, 128, static_cast<size_t>(k_pad - n));
+}
+
 void i8_pack(const void* src, int64_t out, int64_t in, int64_t k_pad, int64_t, void* dst, int32_t* comp) {
   ro_pack_i8_groups(static_cast<const int8_t*>(src), out, in, k_pad, kI8Nb, kI8G, static_cast<int8_t*>(dst), comp);
 }
@@ -186,7 +207,7 @@ const IsaKernels& avx512_kernels(bool bf16) {
     i8.act_bytes = 1;
     i8.packed_bytes = avx512::i8_packed_bytes;
     i8.pack = avx512::i8_pack;
-    i8.quantize_row = avx512::ro_quantize_u8;
+    i8.quantize_row = avx512::i8_quantize_row;
     i8.gemm = avx512::i8_gemm;
     avx512::fill_f32(k);
     k.linear_desc[static_cast<int>(Precision::kInt8)] = "int8, AVX-512 VNNI vpdpbusd (u8 + 128 compensation, int32 sums)";
