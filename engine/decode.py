@@ -210,7 +210,7 @@ def reference_span_search(
     i, j = np.meshgrid(np.arange(seq_len), np.arange(seq_len), indexing="ij")
     band = (j >= i) & (j - i < max_answer_len)
     for row in range(batch):
-        with np.errstate(invalid="ignore"):  # +inf + -inf = NaN: not a valid span
+        with np.errstate(invalid="ignore", over="ignore"):  # +inf + -inf = NaN: not a valid span; 3e38 + 3e38 = inf
             pair_scores = start[row][:, None] + end[row][None, :]
             valid = band & keep[row][:, None] & keep[row][None, :] & (pair_scores > -np.inf)
         starts, ends, values = i[valid], j[valid], pair_scores[valid]
@@ -222,6 +222,6 @@ def reference_span_search(
     if return_lse:
         result = result._replace(start_lse=_reference_lse(start, keep), end_lse=_reference_lse(end, keep))
     if return_null:
-        with np.errstate(invalid="ignore"):
+        with np.errstate(invalid="ignore", over="ignore"):
             result = result._replace(null_scores=(start[:, 0] + end[:, 0]).astype(np.float32))
     return result if (return_lse or return_null) else (result.spans, result.scores)
