@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The decoder under AddressSanitizer + UndefinedBehaviorSanitizer (issue 8): builds engine._kernels
-# and the C++ check driver with SPANRT_SANITIZE=ON (CPU only) in a temporary folder, runs the driver
-# (C++ decoder against a brute-force loop, edge cases + random cases), then the Python decoder
-# tests (tests/test_decode.py, binding included) against that build.
+# The decoder and the native encoder under AddressSanitizer + UndefinedBehaviorSanitizer: builds
+# engine._kernels and the C++ check drivers with SPANRT_SANITIZE=ON (CPU only) in a temporary folder,
+# runs the drivers (C++ decoder against a brute-force loop, edge cases + random cases; the encoder on
+# every path this CPU runs against a double-precision reference), then the Python decoder tests
+# (tests/test_decode.py, binding included) against that build.
 #   usage: kernels/tests/sanitize.sh [PYTHON]     (PYTHON needs numpy, pytest, hypothesis, pybind11)
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -10,7 +11,7 @@ python="$(command -v "${1:-python}")"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
-cmake -S "$repo" -B "$work/build" -DSPANRT_SANITIZE=ON -DSPANRT_CUDA=OFF -DSPANRT_ENCODER=OFF \
+cmake -S "$repo" -B "$work/build" -DSPANRT_SANITIZE=ON -DSPANRT_CUDA=OFF -DSPANRT_ENCODER=ON \
   -DCMAKE_BUILD_TYPE=Debug -DPython_EXECUTABLE="$python" \
   -Dpybind11_DIR="$("$python" -m pybind11 --cmakedir)" >"$work/configure.log" \
   || { cat "$work/configure.log"; exit 1; }
@@ -20,7 +21,7 @@ cmake --build "$work/build" -j "$(nproc)"
 # A copy of the engine package holding the sanitized module.
 mkdir -p "$work/site"
 cp -r "$repo/engine" "$work/site/engine"
-rm -f "$work/site/engine"/_kernels*.so
+rm -f "$work/site/engine"/_kernels*.so "$work/site/engine"/_encoder*.so
 cmake --install "$work/build" --prefix "$work/site" >/dev/null
 
 cd "$work/site"  # `python -m` puts the current folder first on sys.path
