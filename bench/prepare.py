@@ -60,6 +60,14 @@ def prepare_one(spec: SystemSpec, source: ModelSource) -> Artifacts:
             raise SystemUnavailable(source.checkpoint_missing or "no Hugging Face checkpoint")
         if spec.backend == "pytorch":
             return Artifacts(checkpoint=source.checkpoint)
+        if spec.backend == "ctranslate2":
+            from bench.ct2 import ct2_model
+
+            try:
+                model_dir = ct2_model(source.checkpoint, cache_dir(), spec.precision)
+            except ImportError as exc:
+                raise SystemUnavailable(f"CTranslate2 cannot convert here ({exc.name} missing): pip install \"spanrt[bench]\"") from exc
+            return Artifacts(checkpoint=source.checkpoint, model_dir=model_dir, prepare_s=time.perf_counter() - t0)
         from bench.peers import optimum_onnx
 
         try:

@@ -1,7 +1,8 @@
 """The systems the bench compares: one spec per system, one small interface every system implements.
 
 A system is what a user would run to answer SQuAD questions: a peer (the Hugging Face
-question-answering pipeline over PyTorch or over Optimum's ONNX Runtime model) or SpanRT on one
+question-answering pipeline over PyTorch or over Optimum's ONNX Runtime model, or CTranslate2's
+Encoder with a NumPy QA head and span decode) or SpanRT on one
 backend and precision. Each runs in its own process (bench.worker) so that its load time and
 peak memory are its own.
 """
@@ -53,11 +54,14 @@ SYSTEMS: tuple[SystemSpec, ...] = (
                "Optimum ORTModelForQuestionAnswering (ONNX Runtime fp32) in the transformers pipeline"),
     SystemSpec("optimum-onnxruntime-int8", "peer", "onnxruntime", "int8", "cpu",
                "Optimum ORTModelForQuestionAnswering, dynamic int8 (ORTQuantizer, avx512_vnni config) in the transformers pipeline"),
+    SystemSpec("ctranslate2-fp32", "peer", "ctranslate2", "fp32", "cpu",
+               "CTranslate2 Encoder (float32) on the converted encoder, QA head and span decode in NumPy"),
+    SystemSpec("ctranslate2-int8", "peer", "ctranslate2", "int8", "cpu",
+               "CTranslate2 Encoder (int8 weights, compute_type int8), QA head and span decode in NumPy"),
     SystemSpec("spanrt-onnxruntime-fp32", "spanrt", "onnxruntime", "fp32", "cpu", "SpanRT, ONNX Runtime CPU, fp32"),
     SystemSpec("spanrt-onnxruntime-int8", "spanrt", "onnxruntime", "int8", "cpu", "SpanRT, ONNX Runtime CPU, int8"),
-    SystemSpec("spanrt-native-fp32", "spanrt", "native", "fp32", "cpu", "SpanRT, native C++ encoder, fp32 (AVX-512 FMA)"),
-    SystemSpec("spanrt-native-int8", "spanrt", "native", "int8", "cpu",
-               "SpanRT, native C++ encoder on Intel AMX (int8 linear layers, bf16 attention)"),
+    SystemSpec("spanrt-native-fp32", "spanrt", "native", "fp32", "cpu", "SpanRT, native C++ encoder, fp32"),
+    SystemSpec("spanrt-native-int8", "spanrt", "native", "int8", "cpu", "SpanRT, native C++ encoder, int8"),
     SystemSpec("spanrt-onnxruntime-openvino-bf16", "spanrt", "onnxruntime-openvino", "bf16", "cpu",
                "SpanRT, ONNX Runtime with the OpenVINO plugin (CPU), bf16 from the fp32 model"),
     SystemSpec("spanrt-torch-fp32", "spanrt", "torch", "fp32", "cpu", "SpanRT, PyTorch backend (reference), fp32"),
@@ -90,6 +94,7 @@ class Artifacts:
     checkpoint: Path | None = None  # Hugging Face checkpoint folder (peers)
     onnx_dir: Path | None = None  # Optimum export folder (optimum peers)
     onnx_file: str | None = None
+    model_dir: Path | None = None  # CTranslate2 model folder (CTranslate2 peers)
     bundle: Path | None = None  # SpanRT bundle folder
     prepare_s: float = 0.0
     notes: dict[str, Any] = field(default_factory=dict)
@@ -132,6 +137,10 @@ class System(abc.ABC):
 
 def make_system(spec: SystemSpec, artifacts: Artifacts, settings: QASettings, *, threads: int, max_batch_size: int) -> System:
     """The System object for ``spec`` (nothing is imported or loaded yet)."""
+    if spec.family == "peer" and spec.backend == "ctranslate2":
+        from bench.ct2 import CTranslate2System
+
+        return CTranslate2System(spec, artifacts, settings, threads=threads, max_batch_size=max_batch_size)
     if spec.family == "peer":
         from bench.peers import PipelineSystem
 
