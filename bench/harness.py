@@ -36,6 +36,7 @@ class SystemRun:
     loaded: dict[str, Any] = field(default_factory=dict)
     closed: dict[str, Any] = field(default_factory=dict)
     warmup_s: float = 0.0
+    batch_sizes: list[int] | None = None  # the batch sizes this system answers at (None: every one of the run)
     passes: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # batch size -> one pass per repeat
 
 
@@ -124,9 +125,9 @@ def measure(runs: list[SystemRun], settings: QASettings, *, questions: list[str]
     indices = list(range(n))
     max_bs = max(batch_sizes)
     warm_indices = {b: [i % n for i in range(b * warmup_calls)] for b in batch_sizes}
-    warm_total = sum(len(v) for v in warm_indices.values())
     ready = [r for r in runs if r.status == "pending"]
-    totals = {r.spec.name: warm_total + repeats * len(batch_sizes) * n for r in ready}
+    sizes = {r.spec.name: [b for b in batch_sizes if r.batch_sizes is None or b in r.batch_sizes] for r in ready}
+    totals = {r.spec.name: sum(len(warm_indices[b]) + repeats * n for b in sizes[r.spec.name]) for r in ready}
     done = dict.fromkeys(totals, 0)
     bars = Progress(ready, totals, progress, log)
     workers: dict[str, Worker] = {}
@@ -182,14 +183,14 @@ def measure(runs: list[SystemRun], settings: QASettings, *, questions: list[str]
             run.status = "ok"
             bars.set(name, 0, "warm-up")
             t = time.perf_counter()
-            for b in batch_sizes:
+            for b in sizes[name]:
                 if do_pass(run, b, warm_indices[b]) is None:
                     break
             run.warmup_s = time.perf_counter() - t
         # 2. interleaved repeats
         for rep in range(repeats):
             for b in batch_sizes:
-                order = [r for r in ready if r.status == "ok"]
+                order = [r for r in ready if r.status == "ok" and b in sizes[r.spec.name]]
                 if not order:
                     break
                 k = rep % len(order)

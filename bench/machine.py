@@ -43,17 +43,41 @@ def physical_cores() -> int:
     return max(1, min(n or usable, usable))
 
 
-def cpu_flags() -> list[str]:
-    """The ISA extensions that decide int8/fp16 speed (AVX-512, VNNI, AMX), as the kernel reports them."""
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+# The ISA features that decide int8/fp32 speed, as the report names them, and the flag the Linux
+# kernel shows for each in /proc/cpuinfo ("flags" on x86-64, "Features" on aarch64).
+ISA_FEATURES = {
+    "x86_64": {"AMX-INT8": "amx_int8", "AMX-BF16": "amx_bf16", "AVX-512 VNNI": "avx512_vnni", "AVX-512 BF16": "avx512_bf16",
+               "AVX-512F": "avx512f", "AVX-VNNI": "avx_vnni", "AVX2": "avx2", "FMA": "fma"},
+    "aarch64": {"NEON": "asimd", "NEON dot product": "asimddp", "NEON i8mm": "i8mm", "BF16": "bf16", "SVE": "sve"},
+}
+
+
+def _cpuinfo_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in wanted if f in have]
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return []
+    return set()
+
+
+def _features() -> dict[str, str] | None:
+    machine = platform.machine().lower()
+    return ISA_FEATURES.get("x86_64" if machine in ("x86_64", "amd64") else "aarch64" if machine in ("aarch64", "arm64") else "")
+
+
+def isa_features() -> dict[str, bool] | None:
+    """{feature: present} for this CPU's architecture (AMX, AVX-512 VNNI/BF16, AVX-VNNI, AVX2; NEON dot/i8mm),
+    or None where the OS does not say (no /proc/cpuinfo, another architecture)."""
+    features, have = _features(), _cpuinfo_flags()
+    return {name: flag in have for name, flag in features.items()} if features and have else None
+
+
+def cpu_flags() -> list[str]:
+    """The ISA features present, by their kernel flag names."""
+    features, have = _features() or {}, _cpuinfo_flags()
+    return [flag for flag in features.values() if flag in have]
 
 
 def gpus() -> list[str]:
@@ -74,6 +98,8 @@ def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu_model": cpu_model(),
         "cpu_flags": cpu_flags(),
+        "isa_features": isa_features(),
+        "architecture": platform.machine(),
         "physical_cores": physical_cores(),
         "logical_cpus": os.cpu_count(),
         "gpus": gpus(),

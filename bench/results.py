@@ -13,19 +13,27 @@ import numpy as np
 
 from bench.dataset import Questions, subset_json
 from bench.harness import SystemRun
+from bench.peak import model_throughput
 from bench.squad_eval import score
 from bench.systems import BASELINE, STAGES
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: machine peaks, model share of peak, accuracy and agreement per batch size, CTranslate2 peers
 PERCENTILES = (50, 90, 99)
 TARGET_BATCH = 32
 INT8_SYSTEMS = ("spanrt-onnxruntime-int8", "spanrt-native-int8")
 FP32_SYSTEMS = ("spanrt-onnxruntime-fp32", "spanrt-native-fp32")
+CT2_INT8 = "ctranslate2-int8"
 
 
 def throughput(passes: list[dict[str, Any]]) -> list[float]:
     """Questions per second of each pass: questions / total time inside the system's calls."""
     return [p["n"] / sum(p["call_s"]) for p in passes if p["call_s"]]
+
+
+def latency_p50_range(passes: list[dict[str, Any]]) -> list[float] | None:
+    """[min, max] over repeats of each repeat's p50 one-question latency (ms): the spread of the median figure."""
+    p50 = [float(np.percentile(np.asarray(p["call_s"]) * 1e3, 50)) for p in passes if p["call_s"]]
+    return [min(p50), max(p50)] if p50 else None
 
 
 def latency_ms(passes: list[dict[str, Any]]) -> dict[str, float]:
@@ -66,8 +74,18 @@ def _accuracy(dataset_json: dict[str, Any], preds: dict[str, str]) -> dict[str, 
     return {k: v for k, v in out.items() if k != "version"}
 
 
-def summarize_system(run: SystemRun, questions: Questions, dataset_json: dict[str, Any]) -> dict[str, Any]:
-    """One system's entry of results.json (without ratios, which need the baseline)."""
+def changed_share(mine: dict[str, Any], reference: dict[str, Any]) -> float:
+    """Share of questions whose answer span differs between two passes over the same questions."""
+    a, b = _spans(mine), _spans(reference)
+    return sum(x[1:] != y[1:] for x, y in zip(a, b, strict=True)) / len(a) if a else 0.0
+
+
+def summarize_system(run: SystemRun, questions: Questions, dataset_json: dict[str, Any], work: dict[str, Any] | None = None,
+                     peaks: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One system's entry of results.json (without ratios and agreement, which need the baseline).
+
+    ``work`` and ``peaks`` (bench.peak) give the model-only throughput as a share of the machine's peak.
+    """
     spec = run.spec
     details = run.loaded.get("details", {}) if run.loaded else {}
     entry: dict[str, Any] = {
@@ -84,21 +102,30 @@ def summarize_system(run: SystemRun, questions: Questions, dataset_json: dict[st
         return entry
     qids = [e.qid for e in questions.examples]
     entry["details"] = details
-    first = run.passes.get(1, [None])[0] or run.passes[min(run.passes)][0]
+    isa = (details.get("backend_details") or {}).get("isa")  # the native encoder's code path, when it says
+    entry["isa"] = isa if isinstance(isa, str) else None
+    passes = dict(sorted(run.passes.items()))
+    entry["batch_sizes"] = list(passes)
+    first = passes.get(1, [None])[0] or passes[min(passes)][0]
     preds = predictions_of(first, qids)
     acc = _accuracy(dataset_json, preds)
     entry.update({"exact_match": acc.pop("exact_match"), "f1": acc.pop("f1"), "accuracy": acc})
     entry["accuracy_by_batch_size"] = {
-        str(b): {k: v for k, v in _accuracy(dataset_json, predictions_of(ps[0], qids)).items() if k in ("exact_match", "f1")}
-        for b, ps in sorted(run.passes.items())
+        str(b): {**{k: v for k, v in _accuracy(dataset_json, predictions_of(ps[0], qids)).items() if k in ("exact_match", "f1")},
+                 "changed_vs_batch_1": changed_share(ps[0], first)}
+        for b, ps in passes.items()
     }
+    changed = [v["changed_vs_batch_1"] for v in entry["accuracy_by_batch_size"].values()]
+    entry["answers_depend_on_batch_size"] = any(c > 0 for c in changed) if len(changed) > 1 else None
     entry["answers_stable_across_repeats"] = {
-        str(b): all(_spans(p) == _spans(ps[0]) for p in ps) if len(ps) > 1 else None for b, ps in sorted(run.passes.items())
+        str(b): all(_spans(p) == _spans(ps[0]) for p in ps) if len(ps) > 1 else None for b, ps in passes.items()
     }
-    entry["throughput_qps"] = {str(b): float(statistics.median(throughput(ps))) for b, ps in sorted(run.passes.items())}
-    entry["throughput_qps_range"] = {str(b): [min(throughput(ps)), max(throughput(ps))] for b, ps in sorted(run.passes.items())}
-    entry["latency_ms"] = latency_ms(run.passes.get(1, []))
-    entry["time_shares"] = {str(b): stage_shares(ps) for b, ps in sorted(run.passes.items())}
+    entry["throughput_qps"] = {str(b): float(statistics.median(throughput(ps))) for b, ps in passes.items()}
+    entry["throughput_qps_range"] = {str(b): [min(throughput(ps)), max(throughput(ps))] for b, ps in passes.items()}
+    entry["latency_ms"] = latency_ms(passes.get(1, []))
+    entry["latency_p50_ms_range"] = latency_p50_range(passes.get(1, []))
+    entry["time_shares"] = {str(b): stage_shares(ps) for b, ps in passes.items()}
+    entry["model_throughput"] = {str(b): model_throughput(ps, work or {}, peaks or {}, entry["precision"]) for b, ps in passes.items()}
     entry.update({
         "import_s": run.loaded["import_s"], "load_s": run.loaded["load_s"], "cold_start_ms": run.loaded["cold_start_ms"],
         "prepare_s": run.artifacts.prepare_s if run.artifacts else None, "warmup_s": run.warmup_s,
@@ -106,11 +133,12 @@ def summarize_system(run: SystemRun, questions: Questions, dataset_json: dict[st
         "rss_end_mb": run.closed.get("rss_end_mb"), "rss_start_mb": run.loaded["rss_start_mb"],
     })
     entry["raw"] = {
-        "call_s": {str(b): [p["call_s"] for p in ps] for b, ps in sorted(run.passes.items())},
-        "stage_s": {str(b): [p["stage_s"] for p in ps] for b, ps in sorted(run.passes.items())},
+        "call_s": {str(b): [p["call_s"] for p in ps] for b, ps in passes.items()},
+        "stage_s": {str(b): [p["stage_s"] for p in ps] for b, ps in passes.items()},
     }
     entry["_predictions"] = {q: {"text": p[0], "start": p[1], "end": p[2], "score": p[3]}
                              for q, p in zip(qids, first["predictions"], strict=True)}
+    entry["_texts_by_batch_size"] = {str(b): [p[0] for p in ps[0]["predictions"]] for b, ps in passes.items()}
     return entry
 
 
@@ -122,7 +150,7 @@ def add_ratios(systems: list[dict[str, Any]], baseline: str = BASELINE) -> None:
             continue
         if base is None:
             s["ratios"] = None
-            s["agreement"] = None
+            s["agreement"] = s["agreement_by_batch_size"] = None
             continue
         s["ratios"] = {
             "throughput_qps": {b: s["throughput_qps"][b] / v for b, v in base["throughput_qps"].items() if b in s["throughput_qps"]},
@@ -134,6 +162,9 @@ def add_ratios(systems: list[dict[str, Any]], baseline: str = BASELINE) -> None:
         }
         mine, theirs = s["_predictions"], base["_predictions"]
         s["agreement"] = sum(mine[q]["text"] == theirs[q]["text"] for q in mine) / len(mine)
+        reference = [p["text"] for p in theirs.values()]  # the baseline's one-question-at-a-time answers
+        s["agreement_by_batch_size"] = {b: sum(x == y for x, y in zip(texts, reference, strict=True)) / len(texts)
+                                        for b, texts in s["_texts_by_batch_size"].items()}
         s["agreement_span"] = sum((mine[q]["start"], mine[q]["end"]) == (theirs[q]["start"], theirs[q]["end"]) for q in mine) / len(mine)
 
 
@@ -178,6 +209,11 @@ def check_targets(systems: list[dict[str, Any]]) -> list[dict[str, Any]]:
              ratio(_get(by, int8, "throughput_qps", big), _get(by, "optimum-onnxruntime-int8", "throughput_qps", big))),
             (f"{int8} share of time outside the model at batch {big}", "<=", 0.10, None if outside is None else 1.0 - outside),
         ]
+    # SpanRT's best int8 against CTranslate2's int8, at batch 32 and at batch 1.
+    for b, target in ((big, 2.0), ("1", 1.5)):
+        best = [v for v in (_get(by, n, "throughput_qps", b) for n in INT8_SYSTEMS) if v is not None]
+        rows.append((f"best SpanRT int8 vs {CT2_INT8} throughput at batch {b}", ">=", target,
+                     ratio(max(best) if best else None, _get(by, CT2_INT8, "throughput_qps", b))))
     out = []
     for what, op, target, value in rows:
         met = None if value is None else (value >= target if op == ">=" else value <= target)
@@ -193,9 +229,11 @@ def _abs_diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else abs(a - b)
 
 
-def build_systems(runs: list[SystemRun], questions: Questions) -> list[dict[str, Any]]:
-    """Every system's entry, available or not, with ratios against the baseline."""
+def build_systems(runs: list[SystemRun], questions: Questions, work: dict[str, Any] | None = None,
+                  peaks: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every system's entry, available or not, with ratios against the baseline (and shares of the peak when
+    ``work`` and ``peaks`` are given)."""
     dataset_json = subset_json(questions.dataset_json, {e.qid for e in questions.examples})
-    systems = [summarize_system(r, questions, dataset_json) for r in runs]
+    systems = [summarize_system(r, questions, dataset_json, work, peaks) for r in runs]
     add_ratios(systems)
     return systems

@@ -20,7 +20,8 @@ from typing import Any
 
 from bench.dataset import DEFAULT_DATA, SAMPLE_SEED, load_questions
 from bench.harness import SystemRun, measure
-from bench.machine import OtherCPUMeter, git_info, gpus, machine_info, package_versions, physical_cores
+from bench.machine import OtherCPUMeter, cpu_model, git_info, gpus, machine_info, package_versions, physical_cores
+from bench.peak import measure_peaks, model_work
 from bench.prepare import prepare_all
 from bench.results import SCHEMA_VERSION, build_systems, check_targets
 from bench.systems import BASELINE, SYSTEMS, QASettings, select
@@ -31,7 +32,8 @@ from bench.systems import BASELINE, SYSTEMS, QASettings, select
 # one-time exports on a first run); --quick 1 min 23 s.
 PRESETS = {"default": (300, 3), "quick": (60, 1), "full": (None, 1)}
 DEFAULT_BATCH_SIZES = (1, 8, 32)
-WARMUP_CALLS = 2
+WARMUP_CALLS = 1
+RESULTS_ROOT = Path("bench-results")  # relative to the working directory: where a run without --out writes
 BUSY_OTHER = 0.05  # share of the CPU used by other processes above which the figures are flagged as disturbed
 
 
@@ -69,11 +71,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    f"(default {PRESETS['default'][0]}, {PRESETS['default'][1]} repeats: 7-8 minutes on an idle 2-core CPU)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (figures are medians)")
     p.add_argument("--systems", type=_name_list, default=None, help="comma-separated systems to run (default: all)")
-    p.add_argument("--batch-sizes", type=positive_int_list, default=list(DEFAULT_BATCH_SIZES), metavar="1,8,32",
-                   help="questions per call; batch 1 (latency) is always run")
+    p.add_argument("--batch-sizes", type=positive_int_list, default=None, metavar="1,8,32",
+                   help="questions per call; batch 1 (latency) is always run. Default 1,8,32, where the slow peers "
+                        "answer at 1 and 32 only; given explicitly, every system answers at every size")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="SQuAD-format file, v1.1 or v2.0 (detected); .gz ok")
     p.add_argument("--model", default=None, help="SpanRT bundle folder or Hugging Face checkpoint folder (default: embedded model)")
-    p.add_argument("--out", type=Path, default=None, help="write results.json, report.md, plots and predictions here")
+    p.add_argument("--out", type=Path, default=None, help="write results.json, report.md, plots and predictions here "
+                   f"(default: {RESULTS_ROOT}/<date>-<cpu>-<n>/ in the working directory)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads of every system (default: physical cores)")
     p.add_argument("--warmup-calls", type=int, default=WARMUP_CALLS, help="warm-up calls per batch size and system")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -86,9 +90,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--repeats must be positive")
     if args.warmup_calls < 0:
         p.error("--warmup-calls must be >= 0")
+    args.all_batch_sizes = args.batch_sizes is not None  # every system at every size
+    if args.batch_sizes is None:
+        args.batch_sizes = list(DEFAULT_BATCH_SIZES)
     if 1 not in args.batch_sizes:
         args.batch_sizes = [1, *args.batch_sizes]
     return args
+
+
+def default_out_dir(root: Path = RESULTS_ROOT, day: dt.date | None = None, cpu: str | None = None) -> Path:
+    """``root/<date>-<cpu>-<n>``: the first n (1, 2, ...) not taken yet; <cpu> is the CPU model, shortened to a slug."""
+    day = day or dt.date.today()
+    words = "".join(c if c.isalnum() else " " for c in (cpu or cpu_model()).lower()).split()
+    slug = "-".join(w for w in words if w not in ("processor", "cpu", "core", "tm", "r"))[:40].strip("-") or "cpu"
+    n = 1
+    while (root / f"{day.isoformat()}-{slug}-{n}").exists():
+        n += 1
+    return root / f"{day.isoformat()}-{slug}-{n}"
 
 
 def _log(msg: str) -> None:
@@ -135,7 +153,9 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     _log(f"bench: {len(questions.examples)} questions from {questions.path.name} (SQuAD v{questions.version}), "
          f"{len(pending)} of {len(runs)} systems to try, threads={threads}, repeats={repeats}, batch sizes {args.batch_sizes}")
     _log("bench: preparing exports and bundles (cached after the first run; not timed) ...")
+    t_prepare = time.perf_counter()
     prepared = _prepare([r.spec.name for r in pending], args.model)
+    t_prepare = time.perf_counter() - t_prepare
     for r in pending:
         got = prepared["systems"][r.spec.name]
         if "artifacts" in got:
@@ -154,17 +174,29 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         notes.append(f"max_seq_len lowered from {settings.max_seq_len} to the bundle's {max_seq} for every system")
         settings = replace(settings, max_seq_len=max_seq)
     _log(f"bench: settings {settings.to_dict()}")
+    if not args.all_batch_sizes:
+        for r in runs:
+            if r.spec.ends_only:
+                r.batch_sizes = [1, max(args.batch_sizes)]
+    peaks = measure_peaks(threads)
+    _log("bench: peaks " + ", ".join(f"{k} {v['ops_per_s'] / 1e12:.2f} Tops/s ({v['isa']})" if "ops_per_s" in v else f"{k}: {v['reason']}"
+                                     for k, v in ((k, peaks[k]) for k in ("int8", "fp32"))) + f", {threads} threads")
+    checkpoint = (prepared.get("model") or {}).get("checkpoint")
+    work = model_work(Path(checkpoint) if checkpoint else None, [e.question for e in questions.examples],
+                      [e.context for e in questions.examples], settings.max_seq_len, settings.doc_stride)
 
+    t_measure = time.perf_counter()
     measure(runs, settings, questions=[e.question for e in questions.examples], contexts=[e.context for e in questions.examples],
             batch_sizes=args.batch_sizes, repeats=repeats, warmup_calls=args.warmup_calls, threads=threads,
             progress=not args.no_progress and sys.stderr.isatty(), log=_log)
+    t_measure = time.perf_counter() - t_measure
 
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     other = meter.share()
     if other > BUSY_OTHER:
         notes.append(f"other processes used {100 * other:.0f}% of the machine's CPU during the run: they competed with the "
                      "systems measured, so absolute figures are low and ratios are noisy; measure again on an idle machine")
-    systems = build_systems(runs, questions)
+    systems = build_systems(runs, questions, work, peaks)
     machine = machine_info()
     machine["load_average_before"], machine["load_average_after"] = load_before, load_after
     machine["cpu_used_by_other_processes"] = other
@@ -173,13 +205,17 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "command": "python -m bench " + shlex.join(argv) if argv else "python -m bench",
         "started_utc": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(timespec="seconds"),
         "duration_s": time.time() - started,
+        "phases_s": {"prepare": t_prepare, "peaks": peaks["s"], "measure": t_measure},
         "machine": machine,
+        "peaks": peaks,
+        "model_work": work,
         "versions": package_versions(),
         "git": git_info(),
         "model": prepared.get("model") or {"label": str(args.model)},
         "settings": {
             "preset": preset, "qa": settings.to_dict(), "threads": threads, "batch_sizes": args.batch_sizes,
-            "repeats": repeats, "warmup_calls": args.warmup_calls, "n_questions": len(questions.examples),
+            "repeats": repeats, "warmup_calls": args.warmup_calls, "every_system_at_every_batch_size": args.all_batch_sizes,
+            "n_questions": len(questions.examples),
             "sample_seed": SAMPLE_SEED if len(questions.examples) < questions.total_in_file else None,
             "data": {"file": questions.path.name, "path": str(questions.path), "sha256": questions.sha256,
                      "version": questions.version, "questions_in_file": questions.total_in_file},
@@ -206,7 +242,7 @@ def write_outputs(results: dict[str, Any], out: Path) -> list[Path]:
             path = pred_dir / f"{s['name']}.json"
             path.write_text(json.dumps({q: p["text"] for q, p in preds.items()}, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
             written.append(path)
-    doc = {**results, "systems": [{k: v for k, v in s.items() if k != "_predictions"} for s in results["systems"]]}
+    doc = {**results, "systems": [{k: v for k, v in s.items() if not k.startswith("_")} for s in results["systems"]]}
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     plots = write_plots(results, out)
     (out / "report.md").write_text(markdown(results, plots) + "\n", encoding="utf-8")
@@ -220,14 +256,14 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     results = run_bench(args, argv)
     print(console(results))
-    if args.out is not None:
-        written = write_outputs(results, args.out)
-        print(f"\nwrote {', '.join(str(p) for p in written[:4])}" + (f" and {len(written) - 4} more" if len(written) > 4 else ""))
+    out = args.out if args.out is not None else default_out_dir()
+    written = write_outputs(results, out)
+    print(f"\nreport: {out / 'report.md'}\n(results.json, plots and predictions beside it: {len(written)} files in {out}/)")
     if not any(s["available"] for s in results["systems"]):
         print("\nno system could run here: see the reasons above", file=sys.stderr)
         return 1
     failed = [s["name"] for s in results["systems"] if s["status"] == "failed"]
     if failed:
-        print(f"\nFAILED: {', '.join(failed)} (see the reason above{' and results.json' if args.out else ''})", file=sys.stderr)
+        print(f"\nFAILED: {', '.join(failed)} (see the reason above and {out / 'results.json'})", file=sys.stderr)
         return 1
     return 0

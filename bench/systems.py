@@ -45,26 +45,30 @@ class SystemSpec:
     precision: str
     device: str  # "cpu" or "cuda"
     description: str
+    # A slow system whose middle batch sizes add nothing to the comparison (a peer, or SpanRT's
+    # reference backend): with the default batch sizes it answers at batch 1 and the largest only,
+    # which keeps the default run within 10 minutes on 2 cores. --batch-sizes runs it at every size.
+    ends_only: bool = False
 
 
 SYSTEMS: tuple[SystemSpec, ...] = (
     SystemSpec(BASELINE, "peer", "pytorch", "fp32", "cpu",
                "Hugging Face transformers question-answering pipeline, PyTorch fp32 (the baseline)"),
     SystemSpec("optimum-onnxruntime-fp32", "peer", "onnxruntime", "fp32", "cpu",
-               "Optimum ORTModelForQuestionAnswering (ONNX Runtime fp32) in the transformers pipeline"),
+               "Optimum ORTModelForQuestionAnswering (ONNX Runtime fp32) in the transformers pipeline", ends_only=True),
     SystemSpec("optimum-onnxruntime-int8", "peer", "onnxruntime", "int8", "cpu",
-               "Optimum ORTModelForQuestionAnswering, dynamic int8 (ORTQuantizer, avx512_vnni config) in the transformers pipeline"),
+               "Optimum ORTModelForQuestionAnswering, dynamic int8 (ORTQuantizer, avx512_vnni config) in the transformers pipeline", ends_only=True),
     SystemSpec("ctranslate2-fp32", "peer", "ctranslate2", "fp32", "cpu",
-               "CTranslate2 Encoder (float32) on the converted encoder, QA head and span decode in NumPy"),
+               "CTranslate2 Encoder (float32) on the converted encoder, QA head and span decode in NumPy", ends_only=True),
     SystemSpec("ctranslate2-int8", "peer", "ctranslate2", "int8", "cpu",
-               "CTranslate2 Encoder (int8 weights, compute_type int8), QA head and span decode in NumPy"),
+               "CTranslate2 Encoder (int8 weights, compute_type int8), QA head and span decode in NumPy", ends_only=True),
     SystemSpec("spanrt-onnxruntime-fp32", "spanrt", "onnxruntime", "fp32", "cpu", "SpanRT, ONNX Runtime CPU, fp32"),
     SystemSpec("spanrt-onnxruntime-int8", "spanrt", "onnxruntime", "int8", "cpu", "SpanRT, ONNX Runtime CPU, int8"),
     SystemSpec("spanrt-native-fp32", "spanrt", "native", "fp32", "cpu", "SpanRT, native C++ encoder, fp32"),
     SystemSpec("spanrt-native-int8", "spanrt", "native", "int8", "cpu", "SpanRT, native C++ encoder, int8"),
     SystemSpec("spanrt-onnxruntime-openvino-bf16", "spanrt", "onnxruntime-openvino", "bf16", "cpu",
                "SpanRT, ONNX Runtime with the OpenVINO plugin (CPU), bf16 from the fp32 model"),
-    SystemSpec("spanrt-torch-fp32", "spanrt", "torch", "fp32", "cpu", "SpanRT, PyTorch backend (reference), fp32"),
+    SystemSpec("spanrt-torch-fp32", "spanrt", "torch", "fp32", "cpu", "SpanRT, PyTorch backend (reference), fp32", ends_only=True),
     SystemSpec("spanrt-onnxruntime-cuda-fp16", "spanrt", "onnxruntime-cuda", "fp16", "cuda", "SpanRT, ONNX Runtime CUDA, fp16"),
     SystemSpec("spanrt-tensorrt-fp16", "spanrt", "tensorrt", "fp16", "cuda", "SpanRT, TensorRT, fp16"),
     SystemSpec("spanrt-tensorrt-int8", "spanrt", "tensorrt", "int8", "cuda", "SpanRT, TensorRT, int8"),
