@@ -92,6 +92,24 @@ def _qa_head(checkpoint: Path) -> tuple[np.ndarray, np.ndarray]:
     return tensors[names[0]].astype(np.float32), tensors[bias].astype(np.float32)
 
 
+def best_span(start: np.ndarray, end: np.ndarray, sequence_ids: list[int | None], max_answer_len: int,
+              n_best: int = N_BEST) -> tuple[float, int, int] | None:
+    """(start + end logit, i, j) of the best context span among the ``n_best`` best starts and ends of one window
+    (the Hugging Face course's post-processing); None when no pair of them makes a span."""
+    best: tuple[float, int, int] | None = None
+    ends = np.argsort(end)[::-1][:n_best]
+    for i in np.argsort(start)[::-1][:n_best]:
+        if sequence_ids[i] != 1:
+            continue
+        for j in ends:
+            if sequence_ids[j] != 1 or j < i or j - i + 1 > max_answer_len:
+                continue
+            score = float(start[i] + end[j])
+            if best is None or score > best[0]:
+                best = (score, int(i), int(j))
+    return best
+
+
 class CTranslate2System(System):
     """``ctranslate2.Encoder`` on the converted encoder, the QA head in NumPy, a plain NumPy span decode."""
 
@@ -150,16 +168,10 @@ class CTranslate2System(System):
             n = len(seq_ids)
             start, end = logits[w, :n, 0], logits[w, :n, 1]
             null[q] = min(null[q], float(start[0] + end[0]))
-            offsets = enc["offset_mapping"][w]
-            for i in np.argsort(start)[::-1][:N_BEST]:
-                if seq_ids[i] != 1:
-                    continue
-                for j in np.argsort(end)[::-1][:N_BEST]:
-                    if seq_ids[j] != 1 or j < i or j - i + 1 > s.max_answer_len:
-                        continue
-                    score = float(start[i] + end[j])
-                    if best[q] is None or score > best[q][0]:
-                        best[q] = (score, offsets[i][0], offsets[j][1])
+            span = best_span(start, end, seq_ids, s.max_answer_len)
+            if span is not None and (best[q] is None or span[0] > best[q][0]):
+                offsets = enc["offset_mapping"][w]
+                best[q] = (span[0], offsets[span[1]][0], offsets[span[2]][1])
         preds = []
         for q, b in enumerate(best):
             if b is None or (s.handle_impossible_answer and null[q] > b[0]):

@@ -12,6 +12,7 @@ Only real tokens count, so padding a system computes is a loss, not work.
 
 from __future__ import annotations
 
+import importlib
 import json
 import statistics
 import time
@@ -29,7 +30,7 @@ def measure_peaks(threads: int, seconds: float = PEAK_SECONDS) -> dict[str, Any]
     t0 = time.perf_counter()
     out: dict[str, Any] = {"threads": threads, "seconds": seconds}
     try:
-        from engine import _peak
+        _peak = importlib.import_module("engine._peak")
     except ImportError as exc:
         reason = f"engine._peak is not built ({exc}); rebuild the package: pip install -e ."
         return {**out, **{kind: {"reason": reason} for kind in KINDS}, "s": 0.0}

@@ -164,7 +164,7 @@ def add_ratios(systems: list[dict[str, Any]], baseline: str = BASELINE) -> None:
         s["agreement"] = sum(mine[q]["text"] == theirs[q]["text"] for q in mine) / len(mine)
         reference = [p["text"] for p in theirs.values()]  # the baseline's one-question-at-a-time answers
         s["agreement_by_batch_size"] = {b: sum(x == y for x, y in zip(texts, reference, strict=True)) / len(texts)
-                                        for b, texts in s["_texts_by_batch_size"].items()}
+                                        for b, texts in s.get("_texts_by_batch_size", {}).items()}
         s["agreement_span"] = sum((mine[q]["start"], mine[q]["end"]) == (theirs[q]["start"], theirs[q]["end"]) for q in mine) / len(mine)
 
 

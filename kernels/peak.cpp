@@ -56,14 +56,15 @@ namespace {
 
 constexpr int kChains = 12;  // independent accumulators per kernel
 
-// One kernel: `iterations` rounds of kChains multiply-add instructions on `seed`'s 128 bytes;
+// One kernel: `iterations` rounds of its multiply-add instructions on `seed`'s 128 bytes;
 // returns a value derived from the accumulators so that the compiler keeps the work.
 using KernelFn = int64_t (*)(int64_t iterations, const uint8_t* seed);
 
 struct Kernel {
   const char* kind;   // "int8" or "fp32"
   const char* isa;    // the name peak_ops takes and returns
-  double ops_per_iteration;
+  double ops_per_instruction;  // AVX2 int8: per vpmaddubsw + vpmaddwd + vpaddd group
+  int instructions_per_iteration;
   KernelFn run;
   bool (*supported)();
 };
@@ -72,11 +73,29 @@ struct Kernel {
 // registers but cannot spill the accumulators, reorder, merge or drop the instructions, so the
 // loop runs exactly the instructions counted above (intrinsics over an array of accumulators
 // made GCC 12 spill them to the stack in the 256-bit kernels).
+// "v": any vector register the function's ISA can encode (x86-64: XMM/YMM 0-15 under AVX2,
+// 0-31 under AVX-512; "w": v0-v31 on AArch64).
+#if defined(SPANRT_PEAK_ARM64)
+#define SPANRT_VREG(x) "w"(x)
+#else
+#define SPANRT_VREG(x) "v"(x)
+#endif
 #define SPANRT_X12(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11)
 #define SPANRT_X6(M) M(0) M(1) M(2) M(3) M(4) M(5)
 #define SPANRT_DECLARE(i) V c##i = zero;
-#define SPANRT_OPERAND(i) [c##i] "+" REG(c)(c##i),
+#define SPANRT_OPERAND(i) [c##i] "+" SPANRT_VREG(c##i),
 #define SPANRT_SUM(i) sum += lane0(c##i);
+// The body of a kernel with 12 accumulators: INSN(i) is the assembly of one multiply-add into
+// accumulator i from the inputs a and b (declared by the caller, with the zero of their type).
+#define SPANRT_LOOP12(INSN, SUM)                                                                  \
+  SPANRT_X12(SPANRT_DECLARE)                                                                      \
+  for (int64_t i = 0; i < iterations; ++i) {                                                      \
+    __asm__ volatile(SPANRT_X12(INSN) : SPANRT_X12(SPANRT_OPERAND)[unused] "+r"(i)                \
+                     : [a] SPANRT_VREG(a), [b] SPANRT_VREG(b));                                   \
+  }                                                                                               \
+  int64_t sum = 0;                                                                                \
+  SPANRT_X12(SUM)                                                                                 \
+  return sum;
 
 template <typename V>
 int64_t lane0(const V& v) {
@@ -120,40 +139,23 @@ bool has_avx512f() { return os_zmm() && ((cpuid(7, 0).b >> 16) & 1u); }
 bool has_avx512_vnni() { return has_avx512f() && ((cpuid(7, 0).c >> 11) & 1u); }
 bool has_avx_vnni() { return has_avx2() && ((cpuid(7, 1).a >> 4) & 1u); }
 
-#define SPANRT_DPBUSD(i) PREFIX "vpdpbusd %[b], %[a], %[c" #i "]\n\t"
+// AVX-512 VNNI's EVEX encoding, and AVX-VNNI's VEX one of the same instruction on YMM registers.
+#define SPANRT_DPBUSD_EVEX(i) "vpdpbusd %[b], %[a], %[c" #i "]\n\t"
+#define SPANRT_DPBUSD_VEX(i) "%{vex%} vpdpbusd %[b], %[a], %[c" #i "]\n\t"
 __attribute__((target("avx512f,avx512vnni"))) int64_t int8_avx512_vnni(int64_t iterations, const uint8_t* seed) {
   using V = __m512i;
   const V a = _mm512_loadu_si512(seed), b = _mm512_loadu_si512(seed + 64), zero = _mm512_setzero_si512();
-  SPANRT_X12(SPANRT_DECLARE)
-  for (int64_t i = 0; i < iterations; ++i) {
-#define PREFIX ""
-#define REG(x) "v"
-    __asm__ volatile(SPANRT_X12(SPANRT_DPBUSD) : SPANRT_X12(SPANRT_OPERAND)[unused] "+r"(i) : [a] "v"(a), [b] "v"(b));
-#undef PREFIX
-#undef REG
-  }
-  int64_t sum = 0;
-  SPANRT_X12(SPANRT_SUM)
-  return sum;
+  SPANRT_LOOP12(SPANRT_DPBUSD_EVEX, SPANRT_SUM)
 }
 
 __attribute__((target("avx2,avxvnni"))) int64_t int8_avx_vnni(int64_t iterations, const uint8_t* seed) {
   using V = __m256i;
   const V a = _mm256_loadu_si256(reinterpret_cast<const V*>(seed)), b = _mm256_loadu_si256(reinterpret_cast<const V*>(seed + 32));
   const V zero = _mm256_setzero_si256();
-  SPANRT_X12(SPANRT_DECLARE)
-  for (int64_t i = 0; i < iterations; ++i) {
-#define PREFIX "%{vex%} "  // the AVX-VNNI encoding, not AVX-512 VNNI's EVEX one
-#define REG(x) "x"
-    __asm__ volatile(SPANRT_X12(SPANRT_DPBUSD) : SPANRT_X12(SPANRT_OPERAND)[unused] "+r"(i) : [a] "x"(a), [b] "x"(b));
-#undef PREFIX
-#undef REG
-  }
-  int64_t sum = 0;
-  SPANRT_X12(SPANRT_SUM)
-  return sum;
+  SPANRT_LOOP12(SPANRT_DPBUSD_VEX, SPANRT_SUM)
 }
-#undef SPANRT_DPBUSD
+#undef SPANRT_DPBUSD_EVEX
+#undef SPANRT_DPBUSD_VEX
 
 // AVX2 has no int8 dot-product instruction: u8*s8 pairs to int16 (vpmaddubsw), int16 pairs to
 // int32 (vpmaddwd with ones), then the add; 32 multiply-adds per three instructions. Six chains,
@@ -168,10 +170,8 @@ __attribute__((target("avx2"))) int64_t int8_avx2(int64_t iterations, const uint
   SPANRT_X6(SPANRT_DECLARE)
   V t0, t1, t2, t3, t4, t5;
   for (int64_t i = 0; i < iterations; ++i) {
-#define REG(x) "x"
     __asm__ volatile(SPANRT_X6(SPANRT_MADD) : SPANRT_X6(SPANRT_OPERAND) SPANRT_X6(SPANRT_TEMP)[unused] "+r"(i)
                      : [a] "x"(a), [b] "x"(b), [ones] "x"(ones));
-#undef REG
   }
   int64_t sum = 0;
   SPANRT_X6(SPANRT_SUM)
@@ -186,39 +186,23 @@ __attribute__((target("avx2"))) int64_t int8_avx2(int64_t iterations, const uint
 __attribute__((target("avx512f"))) int64_t fp32_avx512f(int64_t iterations, const uint8_t* /*seed*/) {
   using V = __m512;
   const V a = _mm512_set1_ps(0.999f), b = _mm512_set1_ps(1e-3f), zero = _mm512_setzero_ps();
-  SPANRT_X12(SPANRT_DECLARE)
-  for (int64_t i = 0; i < iterations; ++i) {
-#define REG(x) "v"
-    __asm__ volatile(SPANRT_X12(SPANRT_FMA) : SPANRT_X12(SPANRT_OPERAND)[unused] "+r"(i) : [a] "v"(a), [b] "v"(b));
-#undef REG
-  }
-  int64_t sum = 0;
-  SPANRT_X12(SPANRT_SUMF)
-  return sum;
+  SPANRT_LOOP12(SPANRT_FMA, SPANRT_SUMF)
 }
 
 __attribute__((target("avx2,fma"))) int64_t fp32_avx2_fma(int64_t iterations, const uint8_t* /*seed*/) {
   using V = __m256;
   const V a = _mm256_set1_ps(0.999f), b = _mm256_set1_ps(1e-3f), zero = _mm256_setzero_ps();
-  SPANRT_X12(SPANRT_DECLARE)
-  for (int64_t i = 0; i < iterations; ++i) {
-#define REG(x) "x"
-    __asm__ volatile(SPANRT_X12(SPANRT_FMA) : SPANRT_X12(SPANRT_OPERAND)[unused] "+r"(i) : [a] "x"(a), [b] "x"(b));
-#undef REG
-  }
-  int64_t sum = 0;
-  SPANRT_X12(SPANRT_SUMF)
-  return sum;
+  SPANRT_LOOP12(SPANRT_FMA, SPANRT_SUMF)
 }
 #undef SPANRT_FMA
 
 // Best first within each kind: the ISA chosen when none is named is the first one supported.
 const Kernel kKernels[] = {
-    {"int8", "avx512_vnni", kChains * 128.0, int8_avx512_vnni, has_avx512_vnni},
-    {"int8", "avx_vnni", kChains * 64.0, int8_avx_vnni, has_avx_vnni},
-    {"int8", "avx2", 6 * 64.0, int8_avx2, has_avx2},
-    {"fp32", "avx512f", kChains * 32.0, fp32_avx512f, has_avx512f},
-    {"fp32", "avx2_fma", kChains * 16.0, fp32_avx2_fma, has_avx2_fma},
+    {"int8", "avx512_vnni", 128.0, kChains, int8_avx512_vnni, has_avx512_vnni},
+    {"int8", "avx_vnni", 64.0, kChains, int8_avx_vnni, has_avx_vnni},
+    {"int8", "avx2", 64.0, 6, int8_avx2, has_avx2},
+    {"fp32", "avx512f", 32.0, kChains, fp32_avx512f, has_avx512f},
+    {"fp32", "avx2_fma", 16.0, kChains, fp32_avx2_fma, has_avx2_fma},
 };
 
 #elif defined(SPANRT_PEAK_ARM64)
@@ -237,40 +221,26 @@ bool has_neon() { return true; }  // Advanced SIMD is mandatory on AArch64
 // As on x86-64: inline assembly over named register operands ("w": any of v0-v31).
 #define SPANRT_SDOT(i) "sdot %[c" #i "].4s, %[a].16b, %[b].16b\n\t"
 #define SPANRT_FMLA(i) "fmla %[c" #i "].4s, %[a].4s, %[b].4s\n\t"
-#define REG(x) "w"
 __attribute__((target("arch=armv8.2-a+dotprod"))) int64_t int8_neon_dotprod(int64_t iterations, const uint8_t* seed) {
   using V = int32x4_t;
   const int8x16_t a = vld1q_s8(reinterpret_cast<const int8_t*>(seed));
   const int8x16_t b = vld1q_s8(reinterpret_cast<const int8_t*>(seed + 16));
   const V zero = vdupq_n_s32(0);
-  SPANRT_X12(SPANRT_DECLARE)
-  for (int64_t i = 0; i < iterations; ++i) {
-    __asm__ volatile(SPANRT_X12(SPANRT_SDOT) : SPANRT_X12(SPANRT_OPERAND)[unused] "+r"(i) : [a] "w"(a), [b] "w"(b));
-  }
-  int64_t sum = 0;
-  SPANRT_X12(SPANRT_SUM)
-  return sum;
+  SPANRT_LOOP12(SPANRT_SDOT, SPANRT_SUM)
 }
 
 // c += a * b with a * b = 1e-6: the accumulators grow slowly, never to infinities.
 int64_t fp32_neon(int64_t iterations, const uint8_t* /*seed*/) {
   using V = float32x4_t;
   const V a = vdupq_n_f32(1e-3f), b = vdupq_n_f32(1e-3f), zero = vdupq_n_f32(0.0f);
-  SPANRT_X12(SPANRT_DECLARE)
-  for (int64_t i = 0; i < iterations; ++i) {
-    __asm__ volatile(SPANRT_X12(SPANRT_FMLA) : SPANRT_X12(SPANRT_OPERAND)[unused] "+r"(i) : [a] "w"(a), [b] "w"(b));
-  }
-  int64_t sum = 0;
-  SPANRT_X12(SPANRT_SUMF)
-  return sum;
+  SPANRT_LOOP12(SPANRT_FMLA, SPANRT_SUMF)
 }
-#undef REG
 #undef SPANRT_SDOT
 #undef SPANRT_FMLA
 
 const Kernel kKernels[] = {
-    {"int8", "neon_dotprod", kChains * 32.0, int8_neon_dotprod, has_dotprod},
-    {"fp32", "neon", kChains * 8.0, fp32_neon, has_neon},
+    {"int8", "neon_dotprod", 32.0, kChains, int8_neon_dotprod, has_dotprod},
+    {"fp32", "neon", 8.0, kChains, fp32_neon, has_neon},
 };
 
 #endif
@@ -354,9 +324,25 @@ Measured measure(const Kernel& kernel, int threads, double seconds) {
   body(0);
   for (auto& th : pool) th.join();
   double ops = 0.0;
-  for (int64_t n : iterations) ops += static_cast<double>(n) * kernel.ops_per_iteration;
+  for (int64_t n : iterations) ops += static_cast<double>(n) * kernel.instructions_per_iteration * kernel.ops_per_instruction;
   const double wall = *std::max_element(elapsed.begin(), elapsed.end());
   return {ops / wall, kernel.isa};
+}
+
+// Every kernel this build has, for the tests and the curious: kind, isa, ops per instruction,
+// instructions per loop iteration, and whether it runs here.
+py::list kernel_table() {
+  py::list out;
+  for (const Kernel* k : all_kernels()) {
+    py::dict row;
+    row["kind"] = k->kind;
+    row["isa"] = k->isa;
+    row["ops_per_instruction"] = k->ops_per_instruction;
+    row["instructions_per_iteration"] = k->instructions_per_iteration;
+    row["supported"] = k->supported();
+    out.append(row);
+  }
+  return out;
 }
 
 std::pair<double, std::string> peak_ops(const std::string& kind, const std::optional<std::string>& isa, int threads,
@@ -385,6 +371,9 @@ PYBIND11_MODULE(_peak, m) {
         "multiply-add counted as 2 operations. isa: a name from supported_isas(kind); None takes\n"
         "the best this CPU runs. Raises ValueError (arguments) and RuntimeError (ISA not supported\n"
         "here). The GIL is released while it runs.");
+  m.def("kernels", &spanrt::peak::kernel_table,
+        "Every peak kernel of this build: [{kind, isa, ops_per_instruction, instructions_per_iteration,\n"
+        "supported}], ops counted as 2 per multiply-add (AVX2 int8: per vpmaddubsw+vpmaddwd+vpaddd group).");
   m.def("supported_isas", &spanrt::peak::supported_isas, py::arg("kind"),
         "The ISAs of `kind` ('int8' or 'fp32') whose peak kernel runs on this CPU, best first.");
 }

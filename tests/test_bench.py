@@ -13,7 +13,7 @@ import pytest
 
 from bench import run as bench_run
 from bench.squad_eval import score
-from bench.systems import BASELINE, SYSTEMS
+from bench.systems import BASELINE, SYSTEMS, SYSTEMS_BY_NAME
 from engine.default_model import CHECKPOINT_DIR
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -69,7 +69,9 @@ def test_quick_run_measures_every_cpu_system(quick_run: dict[str, Any]) -> None:
             assert s["reason"], name
             continue
         assert s["available"] and s["status"] == "ok", (name, s.get("reason"))
-        assert set(s["throughput_qps"]) == {"1", "8", "32"}
+        sizes = {"1", "32"} if SYSTEMS_BY_NAME[name].ends_only else {"1", "8", "32"}  # slow peers skip the middle
+        assert set(s["throughput_qps"]) == set(s["accuracy_by_batch_size"]) == set(s["agreement_by_batch_size"]) == sizes
+        assert all(lo <= s["throughput_qps"][b] <= hi for b, (lo, hi) in s["throughput_qps_range"].items())
         assert all(v > 0 and math.isfinite(v) for v in s["throughput_qps"].values())
         lat = s["latency_ms"]
         assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
@@ -84,7 +86,28 @@ def test_quick_run_measures_every_cpu_system(quick_run: dict[str, Any]) -> None:
     assert by["spanrt-onnxruntime-int8"]["backend"] == "onnxruntime" and by["spanrt-onnxruntime-int8"]["precision"] == "int8"
     shares = by["spanrt-onnxruntime-int8"]["time_shares"]["32"]
     assert shares["model"] > 0 and abs(sum(shares.values()) - 1) < 1e-6
+    for name in ("spanrt-onnxruntime-int8", "ctranslate2-int8", "spanrt-onnxruntime-fp32"):
+        model = by[name]["model_throughput"]["32"]  # model-only throughput, a share of the precision's peak
+        assert model["tokens_per_s"] > 0 and 0 < model["share_of_peak"] < 1.5, name
+    native = by["spanrt-native-int8"]
+    if native["available"]:  # its logits never depend on the batch
+        assert native["answers_depend_on_batch_size"] is False
 
+
+def test_quick_run_reports_the_machine_and_accuracy_by_batch_size(quick_run: dict[str, Any]) -> None:
+    res = quick_run["results"]
+    assert res["machine"]["isa_features"] is None or "AVX2" in res["machine"]["isa_features"] or "NEON" in res["machine"]["isa_features"]
+    for kind in ("int8", "fp32"):
+        assert res["peaks"][kind]["ops_per_s"] > 1e9 and res["peaks"][kind]["isa"]
+    work = res["model_work"]
+    assert work["tokens"] > 0 and work["ops"] > 0 and work["shape"] == {"layers": 2, "hidden": 32, "ffn": 64}
+    assert set(res["phases_s"]) == {"prepare", "peaks", "measure"} and res["duration_s"] >= res["phases_s"]["measure"]
+    report = (quick_run["out"] / "report.md").read_text()
+    for section in ("## Accuracy by batch size", "## Share of the machine", "Spread: the lowest and highest", "peak on "):
+        assert section in report
+    for s in res["systems"]:
+        if s["available"] and s["answers_depend_on_batch_size"]:
+            assert "CHANGES" in report and s["name"] in report.split("Answers change with the batch size:")[1]
 
 def test_quick_run_settings_machine_and_versions_are_recorded(quick_run: dict[str, Any]) -> None:
     res = quick_run["results"]
@@ -126,6 +149,18 @@ def test_predictions_files_score_like_results(quick_run: dict[str, Any]) -> None
         got = score(ds, preds)
         assert got["exact_match"] == pytest.approx(s["exact_match"]) and got["f1"] == pytest.approx(s["f1"])
     assert {"throughput.png", "latency_cdf.png", "time_shares.png"} <= {p.name for p in out.iterdir()}
+
+
+def test_a_run_without_out_writes_its_report_under_bench_results(tiny: dict[str, Path], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = ["--limit", "2", "--repeats", "1", "--batch-sizes", "1", "--warmup-calls", "0", "--no-progress",
+            "--model", str(tiny["bundle"]), "--systems", "spanrt-onnxruntime-fp32"]
+    assert bench_run.main(argv) == 0
+    (out,) = (tmp_path / "bench-results").iterdir()
+    assert out.name.endswith("-1") and (out / "results.json").is_file() and (out / "report.md").is_file()
+    assert f"report: {Path('bench-results') / out.name / 'report.md'}" in capsys.readouterr().out
 
 
 def test_peers_without_a_checkpoint_are_reported_not_dropped(tiny: dict[str, Path], tmp_path: Path) -> None:
