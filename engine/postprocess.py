@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +102,52 @@ def collect(
             tok_start[r, keep], tok_end[r, keep], probs[r, keep], nulls[r] if nulls is not None else None)
 
 
+_ZERO_WIDTH_JOINERS = ("\u200c", "\u200d")  # ZWNJ, ZWJ: they belong to the character before them
+
+
+def _hangul_kind(ch: str) -> str:
+    """The Hangul syllable type of UAX #29 (L, V, T, LV, LVT), or "" for other characters."""
+    cp = ord(ch)
+    if 0x1100 <= cp <= 0x115F or 0xA960 <= cp <= 0xA97C:
+        return "L"
+    if 0x1160 <= cp <= 0x11A7 or 0xD7B0 <= cp <= 0xD7C6:
+        return "V"
+    if 0x11A8 <= cp <= 0x11FF or 0xD7CB <= cp <= 0xD7FB:
+        return "T"
+    if 0xAC00 <= cp <= 0xD7A3:
+        return "LV" if (cp - 0xAC00) % 28 == 0 else "LVT"
+    return ""
+
+
+_HANGUL_JOINS = {"L": ("L", "V", "LV", "LVT"), "V": ("V", "T"), "LV": ("V", "T"), "T": ("T",), "LVT": ("T",)}
+
+
+def joins_previous(prev: str, ch: str) -> bool:
+    """True when ``ch`` belongs to the same user-perceived character as ``prev`` (the grapheme
+    cluster rules of UAX #29 that matter for answer ends): combining marks (an NFD accent, an Indic
+    vowel sign or virama), zero-width joiners, emoji skin-tone modifiers, the pictograph after a
+    ZWJ, and conjoining Hangul jamo."""
+    if ch < "\u0300":  # below the combining marks: never joins (the fast path of ASCII/Latin-1 text)
+        return False
+    if ch in _ZERO_WIDTH_JOINERS or unicodedata.category(ch) in ("Mn", "Mc", "Me") or "\U0001F3FB" <= ch <= "\U0001F3FF":
+        return True
+    if prev == "\u200d":
+        return unicodedata.category(ch) == "So"
+    kind = _hangul_kind(prev)
+    return bool(kind) and _hangul_kind(ch) in _HANGUL_JOINS[kind]
+
+
+def whole_characters(text: str, a: int, z: int) -> tuple[int, int]:
+    """[a, z) widened to whole user-perceived characters: a tokenizer that drops accents (BERT's
+    uncased normalizer on NFD text: "Jose" + U+0301) gives offsets that stop before the mark."""
+    n = len(text)
+    while z < n and joins_previous(text[z - 1], text[z]):
+        z += 1
+    while 0 < a < n and joins_previous(text[a - 1], text[a]):
+        a -= 1
+    return a, z
+
+
 def _merge_window(best: dict[str, tuple[float, int, int]], text: str, starts: list[int], ends: list[int],
                   probs: list[float]) -> None:
     """Merge one window's candidates (best first) into ``best``: same text adds up inside the
@@ -109,6 +156,7 @@ def _merge_window(best: dict[str, tuple[float, int, int]], text: str, starts: li
     for a, z, p in zip(starts, ends, probs):
         if z <= a:
             continue  # a token without characters cannot be an answer
+        a, z = whole_characters(text, a, z)
         key = text[a:z].lower()
         hit = mine.get(key)
         if hit is None:
