@@ -1,4 +1,5 @@
-"""`python -m bench load`: closed-loop load, plain Engine vs BatchingEngine, same clients, same questions.
+"""`python -m bench load`: closed-loop load, plain Engine vs BatchingEngine (vs a Triton server with
+``--triton``), same clients, same questions.
 
 Each of ``--clients`` threads asks one SQuAD dev question at a time and asks the next as soon as
 its answer arrives (a closed loop: the offered load is what the engine can take). A phase stops
@@ -6,22 +7,32 @@ after ``--requests`` answers or ``--duration`` seconds, whichever comes first. P
 
 * ``single``: one client on the plain Engine: the batch-1 latency of an idle engine;
 * ``plain``: ``--clients`` clients calling the plain Engine (every call a batch of 1);
-* ``batching``: the same clients calling a BatchingEngine over the same Engine.
+* ``batching``: the same clients calling a BatchingEngine over the same Engine;
+* ``triton`` (with ``--triton``): the same clients, each with its own gRPC connection, calling a
+  real tritonserver (engine.serve) on 127.0.0.1 that serves the same bundle from a ``python -m
+  export triton --target cpu`` repository: Triton's dynamic batcher with the BatchingEngine's
+  max_batch_size and delay, one Engine instance with the same backend, precision and threads.
+  Its CPU time is the client process's plus the server's and its stubs'.
 
-``plain`` and ``batching`` alternate ``--repeats`` times (the machine's background load drifts).
-Latency is per call, tokenization and decoding included. Targets: batching throughput >= 2x the
-plain one, and batching p99 latency <= 2x the single-client p50.
+The phases alternate ``--repeats`` times (the machine's background load drifts). Latency is per
+call, tokenization and decoding included. Targets: batching throughput >= 2x the plain one,
+batching p99 latency <= 2x the single-client p50, and (with --triton) Triton's throughput >= 0.75x
+the BatchingEngine's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import random
 import sys
+import tempfile
 import threading
 import time
+import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +40,12 @@ import numpy as np
 
 from bench.dataset import DEFAULT_DATA
 from bench.machine import git_info, machine_info, package_versions
+from engine.api import DEFAULT_MAX_BATCH_SIZE
 
 TARGET_SPEEDUP = 2.0
 SHUFFLE_SEED = 20261127
 TARGET_P99_OVER_SINGLE_P50 = 2.0
+TARGET_TRITON_OVER_BATCHING = 0.75
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -57,12 +70,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cost-questions", type=int, default=96,
                    help="questions of the CPU-cost phase: one thread, batch 1 vs batches of --max-batch-size (0: skip)")
     p.add_argument("--cost-only", action="store_true", help="run the CPU-cost phase only (no load phases)")
+    p.add_argument("--triton", action="store_true",
+                   help="add a phase against a real tritonserver serving the same bundle (x86-64 Linux, nvidia-pytriton)")
+    p.add_argument("--triton-python-env", type=Path, default=None,
+                   help="the Triton stub's Python (default: $SPANRT_TRITON_PYTHON_ENV or sys.prefix/spanrt-triton-env)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="SQuAD-format file whose questions are asked")
     p.add_argument("--out", type=Path, default=None, help="write load.json here")
     args = p.parse_args(argv)
     for name in ("clients", "requests", "single_requests", "repeats", "workers", "engine_batch"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.triton and args.engine_batch != DEFAULT_MAX_BATCH_SIZE:
+        p.error(f"--triton serves Engines with max_batch_size {DEFAULT_MAX_BATCH_SIZE}; leave --engine-batch at its default")
     if args.duration <= 0 or args.warmup < 0 or args.max_delay_ms < 0 or args.cost_questions < 0:
         p.error("--duration must be positive; --warmup, --max-delay-ms and --cost-questions >= 0")
     return args
@@ -77,9 +96,11 @@ def percentiles(latencies_s: list[float]) -> dict[str, float]:
     return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "max_ms": float(ms.max()), "mean_ms": float(ms.mean())}
 
 
-def closed_loop(call: Any, pairs: list[tuple[str, str]], *, clients: int, requests: int, duration: float) -> dict[str, Any]:
+def closed_loop(call: Any, pairs: list[tuple[str, str]], *, clients: int, requests: int, duration: float,
+                cpu_seconds: Any = time.process_time) -> dict[str, Any]:
     """Run ``clients`` threads, each calling ``call(question, context)`` back to back, until
-    ``requests`` calls were started or ``duration`` seconds passed; latencies and throughput."""
+    ``requests`` calls were started or ``duration`` seconds passed; latencies and throughput.
+    ``cpu_seconds()``: the CPU time the phase is charged (default: this process's)."""
     lock = threading.Lock()
     next_index = [0]
     latencies: list[float] = []
@@ -113,13 +134,13 @@ def closed_loop(call: Any, pairs: list[tuple[str, str]], *, clients: int, reques
     for t in threads:
         t.start()
     deadline[0] = time.perf_counter() + duration
-    cpu0 = time.process_time()
+    cpu0 = cpu_seconds()
     t_start = time.perf_counter()
     start.wait()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t_start
-    cpu = time.process_time() - cpu0
+    cpu = cpu_seconds() - cpu0
     if not latencies:
         raise RuntimeError(f"no call of this phase succeeded ({len(errors)} failed; first: {errors[:3]})")
     # CPU seconds per answer (all threads of the process): the cost of an answer, which unlike
@@ -143,6 +164,69 @@ def cpu_cost(eng: Any, pairs: list[tuple[str, str]], batch: int) -> dict[str, fl
     same = sum(a == b for a, b in zip(alone, together)) / len(pairs)
     return {"questions": len(pairs), "batch": batch, "batch1_cpu_ms_per_answer": 1000 * one / len(pairs),
             "batched_cpu_ms_per_answer": 1000 * many / len(pairs), "cpu_saving": 1 - many / one, "same_answer_rate": same}
+
+
+class TritonCaller:
+    """``call(question, context)`` against a Triton server over gRPC, one connection per client
+    thread (tritonclient's advice); returns an object with the best answer's ``text``."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[Any] = []
+
+    def __call__(self, question: str, context: str) -> Any:
+        import tritonclient.grpc as grpcclient
+
+        from export.triton import CPU_MODEL
+
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = grpcclient.InferenceServerClient(self.url)
+            with self._lock:
+                self._connections.append(conn)
+        inputs = []
+        for name, text in (("QUESTION", question), ("CONTEXT", context)):
+            t = grpcclient.InferInput(name, [1, 1], "BYTES")
+            t.set_data_from_numpy(np.array([[text.encode("utf-8")]], dtype=np.object_))
+            inputs.append(t)
+        result = conn.infer(CPU_MODEL, inputs, client_timeout=120)
+        return types.SimpleNamespace(text=result.as_numpy("ANSWER")[0][0].decode("utf-8"))
+
+    def close(self) -> None:
+        """Close every connection."""
+        for conn in self._connections:
+            conn.close()
+
+
+def _process_tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its children (tritonserver and its Python-backend stubs)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in (root, *root.children(recursive=True)):
+        try:
+            t = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+@contextlib.contextmanager
+def _triton_server(args: argparse.Namespace, bundle: Path, max_batch: int) -> Iterator[Any]:
+    """A tritonserver on 127.0.0.1 serving ``bundle`` as the BatchingEngine phase is configured."""
+    from engine.serve import start_triton
+    from export.triton import TritonOptions, write_repository
+
+    with tempfile.TemporaryDirectory(prefix="spanrt-load-triton-") as tmp:
+        opts = TritonOptions(target="cpu", backend=args.backend, precision=args.precision, threads=args.threads,
+                             max_batch_size=max_batch, max_queue_delay_us=round(args.max_delay_ms * 1000), instances=1)
+        repo = write_repository(bundle, Path(tmp) / "repo", opts)
+        with start_triton(repo, python_env=args.triton_python_env, timeout_s=600) as server:
+            yield server
 
 
 def run_load(args: argparse.Namespace) -> dict[str, Any]:
@@ -175,8 +259,15 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError("--cost-only needs --cost-questions > 0")
         return {"settings": {"max_batch_size": max_batch, "engine_batch": args.engine_batch, "model": args.model},
                 "cpu_cost": cost}
-    with Engine(bundle, backend=args.backend, precision=args.precision, threads=args.threads,
-                max_batch_size=args.engine_batch) as eng:
+    with contextlib.ExitStack() as stack:
+        triton = stack.enter_context(_triton_server(args, bundle, max_batch)) if args.triton else None
+        caller = TritonCaller(triton.grpc_url) if triton is not None else None
+        if caller is not None:
+            stack.callback(caller.close)
+            for q, c in pairs[: args.warmup]:
+                caller(q, c)
+        eng = stack.enter_context(Engine(bundle, backend=args.backend, precision=args.precision, threads=args.threads,
+                                         max_batch_size=args.engine_batch))
         used = {"backend": eng.backend, "precision": eng.precision, "device": eng.device, "bundle": str(eng.bundle.root),
                 "details": eng.backend_details}
         eng.warmup()
@@ -195,6 +286,12 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
                 stats = be.stats()
             phases.append({"phase": "batching", "repeat": r, **batched, "batching_stats": stats})
             _progress(phases[-1])
+            if triton is not None and caller is not None:
+                pid = triton.process.pid
+                served = closed_loop(caller, pairs, clients=args.clients, requests=args.requests, duration=args.duration,
+                                     cpu_seconds=lambda pid=pid: time.process_time() + _process_tree_cpu(pid))
+                phases.append({"phase": "triton", "repeat": r, **served})
+                _progress(phases[-1])
     doc = _summarize(args, phases, used, started, max_batch)
     doc["cpu_cost"] = cost
     return doc
@@ -238,6 +335,21 @@ def _summarize(args: argparse.Namespace, phases: list[dict[str, Any]], used: dic
     }
     summary["met_throughput"] = summary["speedup"] >= TARGET_SPEEDUP
     summary["met_latency"] = summary["batching_p99_over_single_p50"] <= TARGET_P99_OVER_SINGLE_P50
+    served = [p for p in phases if p["phase"] == "triton"]
+    if served:
+        # Answers of the same question index, batching vs Triton (the same Engine code; int8
+        # answers may differ where the batch mates differ).
+        pairs = [(b["answers"], t["answers"]) for b, t in zip(batched, served)]
+        common = [(b[i], t[i]) for b, t in pairs for i in b.keys() & t.keys()]
+        summary.update({
+            "triton_qps": float(np.median([t["throughput_qps"] for t in served])),
+            "triton_p50_ms": float(np.median([t["p50_ms"] for t in served])),
+            "triton_p99_ms": float(np.median([t["p99_ms"] for t in served])),
+            "triton_cpu_ms_per_answer": float(np.median([t["cpu_ms_per_answer"] for t in served])),
+            "triton_same_answer_rate": sum(a == b for a, b in common) / len(common) if common else None,
+        })
+        summary["triton_over_batching"] = summary["triton_qps"] / batched_qps
+        summary["met_triton"] = summary["triton_over_batching"] >= TARGET_TRITON_OVER_BATCHING
     for p in phases:
         p.pop("answers")
     return {
@@ -247,8 +359,10 @@ def _summarize(args: argparse.Namespace, phases: list[dict[str, Any]], used: dic
                      "single_requests": args.single_requests, "warmup": args.warmup, "repeats": args.repeats,
                      "max_batch_size": max_batch, "max_delay_ms": args.max_delay_ms, "workers": args.workers,
                      "engine_batch": args.engine_batch,
-                     "threads": args.threads, "cost_questions": args.cost_questions, "data": str(args.data)},
-        "targets": {"speedup": TARGET_SPEEDUP, "batching_p99_over_single_p50": TARGET_P99_OVER_SINGLE_P50},
+                     "threads": args.threads, "cost_questions": args.cost_questions, "data": str(args.data),
+                     "triton": args.triton},
+        "targets": {"speedup": TARGET_SPEEDUP, "batching_p99_over_single_p50": TARGET_P99_OVER_SINGLE_P50,
+                    "triton_over_batching": TARGET_TRITON_OVER_BATCHING},
         "summary": summary, "phases": phases,
     }
 
@@ -271,4 +385,11 @@ def main(argv: list[str]) -> int:
           f"{'met' if s['met_throughput'] else 'NOT MET'}; batching p99 {s['batching_p99_ms']:.1f} ms = "
           f"{s['batching_p99_over_single_p50']:.2f}x the one-client p50 {s['single_p50_ms']:.1f} ms "
           f"(target <= {TARGET_P99_OVER_SINGLE_P50:g}x): {'met' if s['met_latency'] else 'NOT MET'}", file=sys.stderr)
-    return 0 if s["met_throughput"] and s["met_latency"] else 1
+    met = s["met_throughput"] and s["met_latency"]
+    if "triton_qps" in s:
+        print(f"load: Triton {s['triton_qps']:.1f} q/s = {s['triton_over_batching']:.2f}x the BatchingEngine's "
+              f"(target >= {TARGET_TRITON_OVER_BATCHING:g}x): {'met' if s['met_triton'] else 'NOT MET'}; p50 "
+              f"{s['triton_p50_ms']:.1f} ms, p99 {s['triton_p99_ms']:.1f} ms; CPU {s['triton_cpu_ms_per_answer']:.1f} ms/answer "
+              f"(client + server) vs {s['batching_cpu_ms_per_answer']:.1f} in process", file=sys.stderr)
+        met = met and s["met_triton"]
+    return 0 if met else 1

@@ -273,3 +273,22 @@ def test_the_default_model_served_by_triton_answers_as_the_engine(tmp_path: Path
         want = eng.answer_batch([q for q, _ in pairs], [c for _, c in pairs])
     for i, answers in enumerate(want):
         assert_answers(got, i, answers)
+
+
+def test_bench_load_triton_phase(tmp_path: Path) -> None:
+    """python -m bench load --triton: the Triton phase runs the same clients and questions, and its
+    answers equal the BatchingEngine phase's (the lookup model's answers never depend on batch mates)."""
+    from bench.load import parse_args, run_load
+
+    env = _server_or_skip()
+    bundle = lookup_bundle(tmp_path / "b", **planted("Denver Broncos"), max_seq_len=64)
+    argv = ["--model", str(bundle), "--backend", "onnxruntime", "--threads", "1", "--clients", "4", "--requests", "24",
+            "--single-requests", "4", "--warmup", "2", "--repeats", "1", "--max-delay-ms", "5", "--cost-questions", "0",
+            "--triton"] + (["--triton-python-env", str(env)] if env is not None else [])
+    doc = run_load(parse_args(argv))
+    phases = [(p["phase"], p["clients"], p["completed"], p["errors"]) for p in doc["phases"]]
+    assert phases == [("single", 1, 4, 0), ("plain", 4, 24, 0), ("batching", 4, 24, 0), ("triton", 4, 24, 0)]
+    s = doc["summary"]
+    assert s["triton_same_answer_rate"] == 1.0
+    assert s["triton_over_batching"] == pytest.approx(s["triton_qps"] / s["batching_qps"])
+    assert s["triton_cpu_ms_per_answer"] > 0 and s["triton_p99_ms"] >= s["triton_p50_ms"] > 0
