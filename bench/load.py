@@ -276,6 +276,11 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
         single = closed_loop(eng.answer, pairs, clients=1, requests=args.single_requests, duration=args.duration)
         phases.append({"phase": "single", "repeat": 0, **single})
         _progress(phases[-1])
+        if triton is not None and caller is not None:  # one client: Triton's per-request cost over the Engine's
+            alone = closed_loop(caller, pairs, clients=1, requests=args.single_requests, duration=args.duration,
+                                cpu_seconds=lambda pid=triton.process.pid: time.process_time() + _process_tree_cpu(pid))
+            phases.append({"phase": "triton-single", "repeat": 0, **alone})
+            _progress(phases[-1])
         for r in range(args.repeats):
             plain = closed_loop(eng.answer, pairs, clients=args.clients, requests=args.requests, duration=args.duration)
             phases.append({"phase": "plain", "repeat": r, **plain})
@@ -337,11 +342,14 @@ def _summarize(args: argparse.Namespace, phases: list[dict[str, Any]], used: dic
     summary["met_latency"] = summary["batching_p99_over_single_p50"] <= TARGET_P99_OVER_SINGLE_P50
     served = [p for p in phases if p["phase"] == "triton"]
     if served:
+        alone = next(p for p in phases if p["phase"] == "triton-single")
         # Answers of the same question index, batching vs Triton (the same Engine code; int8
         # answers may differ where the batch mates differ).
         pairs = [(b["answers"], t["answers"]) for b, t in zip(batched, served)]
         common = [(b[i], t[i]) for b, t in pairs for i in b.keys() & t.keys()]
         summary.update({
+            "triton_single_p50_ms": alone["p50_ms"], "triton_single_cpu_ms_per_answer": alone["cpu_ms_per_answer"],
+            "triton_single_overhead_ms": alone["p50_ms"] - single["p50_ms"],
             "triton_qps": float(np.median([t["throughput_qps"] for t in served])),
             "triton_p50_ms": float(np.median([t["p50_ms"] for t in served])),
             "triton_p99_ms": float(np.median([t["p99_ms"] for t in served])),
@@ -390,6 +398,7 @@ def main(argv: list[str]) -> int:
         print(f"load: Triton {s['triton_qps']:.1f} q/s = {s['triton_over_batching']:.2f}x the BatchingEngine's "
               f"(target >= {TARGET_TRITON_OVER_BATCHING:g}x): {'met' if s['met_triton'] else 'NOT MET'}; p50 "
               f"{s['triton_p50_ms']:.1f} ms, p99 {s['triton_p99_ms']:.1f} ms; CPU {s['triton_cpu_ms_per_answer']:.1f} ms/answer "
-              f"(client + server) vs {s['batching_cpu_ms_per_answer']:.1f} in process", file=sys.stderr)
+              f"(client + server) vs {s['batching_cpu_ms_per_answer']:.1f} in process; one client: p50 "
+              f"{s['triton_single_p50_ms']:.1f} ms vs {s['single_p50_ms']:.1f} ms in process", file=sys.stderr)
         met = met and s["met_triton"]
     return 0 if met else 1

@@ -287,8 +287,10 @@ def test_bench_load_triton_phase(tmp_path: Path) -> None:
             "--triton"] + (["--triton-python-env", str(env)] if env is not None else [])
     doc = run_load(parse_args(argv))
     phases = [(p["phase"], p["clients"], p["completed"], p["errors"]) for p in doc["phases"]]
-    assert phases == [("single", 1, 4, 0), ("plain", 4, 24, 0), ("batching", 4, 24, 0), ("triton", 4, 24, 0)]
+    assert phases == [("single", 1, 4, 0), ("triton-single", 1, 4, 0), ("plain", 4, 24, 0), ("batching", 4, 24, 0),
+                      ("triton", 4, 24, 0)]
     s = doc["summary"]
     assert s["triton_same_answer_rate"] == 1.0
     assert s["triton_over_batching"] == pytest.approx(s["triton_qps"] / s["batching_qps"])
     assert s["triton_cpu_ms_per_answer"] > 0 and s["triton_p99_ms"] >= s["triton_p50_ms"] > 0
+    assert s["triton_single_overhead_ms"] == pytest.approx(s["triton_single_p50_ms"] - s["single_p50_ms"])
