@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.bundle import Artifact, Bundle, load_bundle
+from engine.errors import BundleError
 from export.errors import ExportError
 
 ENSEMBLE, TOKENIZE, MODEL, DECODE = "spanrt_qa", "spanrt_tokenize", "spanrt_model", "spanrt_decode"
@@ -526,7 +527,10 @@ def _check_model_files(folder: Path, cfg: Any, pb: Any) -> None:
             raise ExportError(f"{folder.name}: backend/platform {kind!r} needs {version / need.get(kind, '?')}")
         stage = cfg.parameters["spanrt_stage"].string_value if "spanrt_stage" in cfg.parameters else ""
         if stage == "engine":
-            load_bundle(version / "bundle", verify=True)  # the copied bundle is whole
+            try:
+                load_bundle(version / "bundle", verify=True)  # the copied bundle is whole
+            except BundleError as e:
+                raise ExportError(f"{folder.name}: the bundle the model serves is not usable: {e}") from e
     elif not version.is_dir():
         raise ExportError(f"{folder.name}: an ensemble still needs its version folder {version}")
     for t in [*cfg.input, *cfg.output]:
