@@ -36,6 +36,3 @@ def span_search_device(
     out: tuple[Any, ...] | None = None,
 ) -> _Outputs:
     """Top-k spans of device logits (__cuda_array_interface__); only in CUDA builds."""
-
-def amx_status() -> tuple[bool, str]:
-    """(ok, reason): whether engine._encoder can run here (AVX-512 BF16 + AMX, and Linux's AMX permission)."""

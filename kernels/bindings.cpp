@@ -14,15 +14,6 @@
 
 #include "spanrt/span_search.h"
 
-#if defined(__x86_64__) && defined(__linux__)
-#include <cpuid.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
-#include <cerrno>
-#include <cstring>
-#endif
-
 namespace py = pybind11;
 
 namespace spanrt {
@@ -348,39 +339,6 @@ py::tuple span_search_device(const py::object& start_object, const py::object& e
 
 #endif  // SPANRT_WITH_CUDA
 
-// Whether this CPU and OS can run engine._encoder (AVX-512 F/DQ/BW/VL/BF16 + AMX-TILE/INT8/BF16),
-// and, when they can, Linux's permission for this process to use the AMX tile state. Portable
-// code: it must run (and say no) on any CPU before the AVX-512 module is imported.
-std::pair<bool, std::string> amx_status() {
-#if defined(__x86_64__) && defined(__linux__)
-  unsigned a = 0, b = 0, c = 0, d = 0;
-  if (!__get_cpuid_count(1, 0, &a, &b, &c, &d) || !((c >> 27) & 1u)) return {false, "the OS does not enable XSAVE state (CPUID.1:ECX.OSXSAVE)"};
-  unsigned xcr0_lo = 0, xcr0_hi = 0;
-  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
-  if ((xcr0_lo & 0xE6u) != 0xE6u) return {false, "the OS does not enable the AVX-512 register state (XCR0)"};
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return {false, "CPUID leaf 7 is not available"};
-  std::string missing;
-  const std::pair<bool, const char*> need[] = {
-      {((b >> 16) & 1u) != 0, "AVX512F"},  {((b >> 17) & 1u) != 0, "AVX512DQ"}, {((b >> 30) & 1u) != 0, "AVX512BW"},
-      {((b >> 31) & 1u) != 0, "AVX512VL"}, {((d >> 22) & 1u) != 0, "AMX-BF16"}, {((d >> 24) & 1u) != 0, "AMX-TILE"},
-      {((d >> 25) & 1u) != 0, "AMX-INT8"}};
-  for (const auto& [ok, name] : need) {
-    if (!ok) missing += std::string(missing.empty() ? "" : ", ") + name;
-  }
-  unsigned a1 = 0, b1 = 0, c1 = 0, d1 = 0;
-  if (!__get_cpuid_count(7, 1, &a1, &b1, &c1, &d1) || !((a1 >> 5) & 1u)) missing += std::string(missing.empty() ? "" : ", ") + "AVX512_BF16";
-  if (!missing.empty()) return {false, "this CPU lacks " + missing + " (Intel Xeon 4th generation, Sapphire Rapids, or newer has them)"};
-  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-  if (syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) != 0) {
-    return {false, std::string("Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM: ") + std::strerror(errno) +
-                       "; Linux 5.16 or newer grants it)"};
-  }
-  return {true, "AVX-512 BF16, AMX-INT8 and AMX-BF16 are available and the AMX tile state is granted"};
-#else
-  return {false, "the native encoder needs an x86-64 Linux CPU with AMX (Intel Xeon Sapphire Rapids or newer)"};
-#endif
-}
-
 }  // namespace
 }  // namespace spanrt
 
@@ -408,9 +366,6 @@ PYBIND11_MODULE(_kernels, m) {
     }
   });
 
-  m.def("amx_status", &spanrt::amx_status,
-        "(ok, reason): whether engine._encoder can run here (AVX-512 BF16 + AMX, and Linux's\n"
-        "permission for the AMX tile state, which this call requests for the process).");
   m.def("span_search_host", &spanrt::span_search_host, py::arg("start_logits"),
         py::arg("end_logits"), py::arg("mask"), py::kw_only(), py::arg("max_answer_len"),
         py::arg("top_k"), py::arg("return_lse"), py::arg("return_null"),
