@@ -222,9 +222,12 @@ def _backend_folder(dist: TritonDistribution, version: str, workdir: Path) -> Pa
     return workdir / "backends"
 
 
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the server is ours: never through a proxy
+
+
 def _ready(host: str, port: int) -> bool:
     try:
-        with urllib.request.urlopen(f"http://{host}:{port}/v2/health/ready", timeout=2) as r:
+        with _NO_PROXY.open(f"http://{host}:{port}/v2/health/ready", timeout=2) as r:
             return bool(r.status == 200)
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return False

@@ -29,17 +29,11 @@ from export.triton import CPU_MODEL, TritonOptions, validate_repository, write_r
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 httpx = pytest.importorskip("httpx")
+from test_triton import ANSWER  # noqa: E402
+from test_triton import PAIRS as REPOSITORY_PAIRS  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-ANSWER = "Zanzibar Island"
-PAIRS = [
-    ("Where did the ship sail?", "After a long voyage the ship sailed to Zanzibar Island, then home again."),
-    ("Where?", "Zanzibar Island."),
-    ("Which island?", "filler words go here and there. " * 30 + "At the very end: Zanzibar Island, warm and green."),
-    ("Where was it?", "It was on Zanzibar Island. " + "More filler text follows here. " * 25 + "Again Zanzibar Island."),
-    ("Is there an answer?", "Nothing relevant is written in this short sentence."),
-    ("Wo liegt es? ünïcödé ✓", "Es liegt auf Zanzibar Island, sagt man 🙂."),
-]
+PAIRS = [*REPOSITORY_PAIRS, ("Wo liegt es? ünïcödé ✓", "Es liegt auf Zanzibar Island, sagt man 🙂.")]
 TIMEOUT_S = 60.0
 OUTPUTS = ("ANSWER", "SCORE", "START", "END", "IMPOSSIBLE")
 
