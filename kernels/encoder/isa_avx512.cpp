@@ -21,9 +21,10 @@ namespace {
 
 #include "rowops.inc"
 
-inline __mmask16 tail_mask(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
-}
+#include "avx512_math.inc"
+
+inline void softmax_row(float* s, int64_t n, float scale) { softmax512(s, n, scale); }
+inline void gelu_row(float* x, int64_t n) { gelu_row512(x, n); }
 
 // ---- fp32: 8 rows x 48 columns (24 accumulators) -------------------------------------------------
 constexpr int64_t kF32Nb = 48;
@@ -164,7 +165,7 @@ void i8_block(int64_t mr, const LinearView& L, const uint8_t* a, int64_t lda, co
     }
   }
   if (ep == Epilogue::kBiasGelu)
-    for (int64_t i = 0; i < mr; ++i) ro_gelu_inplace(out + i * ldo + n0, ncols);
+    for (int64_t i = 0; i < mr; ++i) gelu_row512(out + i * ldo + n0, ncols);
 }
 #undef SPANRT_ROW
 #undef SPANRT_ZERO4

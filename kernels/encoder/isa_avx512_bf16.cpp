@@ -1,7 +1,10 @@
-// bf16 linear layers on AVX-512 BF16 (vdpbf16ps: pairs of bf16, fp32 sums): AMD Zen 4/5, Intel
-// Cooper Lake and Sapphire Rapids. Compiled with the AVX-512 flags plus -mavx512bf16; its entry is
-// added to the AVX-512 table only where the CPU reports AVX512_BF16. Register block 6 rows x 64
-// columns; weights in panels of 64 columns x 2 consecutive k per 32-bit lane.
+// bf16 on AVX-512 BF16 (vdpbf16ps: pairs of bf16, fp32 sums): AMD Zen 4/5, Intel Cooper Lake and
+// Sapphire Rapids. Compiled with the AVX-512 flags plus -mavx512bf16; added to the AVX-512 table
+// only where the CPU reports AVX512_BF16:
+//   - bf16 linear layers: register block 6 rows x 64 columns, weights in panels of 64 columns x 2
+//     consecutive k per 32-bit lane;
+//   - attention of the int8 and bf16 models, as on AMX: Q K^T and P V on bf16 operands with fp32
+//     sums, an exact fp32 softmax (the same block kernel, with K and V packed as its weights).
 #include <immintrin.h>
 
 #include <cmath>
@@ -20,9 +23,7 @@ constexpr int64_t kNb = 64;
 constexpr int64_t kMr = 6;
 constexpr int64_t kG = 2;
 
-inline __mmask16 tail_mask(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
-}
+#include "avx512_math.inc"
 
 size_t packed_bytes(int64_t n_pad, int64_t k_pad) { return sizeof(uint16_t) * static_cast<size_t>(n_pad * k_pad); }
 
@@ -82,7 +83,7 @@ void block(int64_t mr, const LinearView& L, const uint16_t* a, int64_t lda, cons
     for (int64_t i = 0; i < mr; ++i) _mm512_mask_storeu_ps(out + i * ldo + n, mk, _mm512_add_ps(acc[i][v], bias));
   }
   if (ep == Epilogue::kBiasGelu)
-    for (int64_t i = 0; i < mr; ++i) ro_gelu_inplace(out + i * ldo + n0, ncols);
+    for (int64_t i = 0; i < mr; ++i) gelu_row512(out + i * ldo + n0, ncols);
 }
 #undef SPANRT_ROW
 #undef SPANRT_ZERO4
@@ -107,10 +108,135 @@ void gemm(const LinearView& L, const void* a, int64_t lda, const float*, int64_t
   }
 }
 
+// ---- attention: bf16 products, fp32 softmax -------------------------------------------------------
+struct AttnScratch {
+  uint16_t* q;   // [L][dp] queries
+  uint16_t* k;   // keys as block-kernel weights: [L64/64][dp/2][64][2]
+  uint16_t* v;   // values as block-kernel weights (columns = head dims, k = keys): [d64/64][Lp/2][64][2]
+  float* s;      // [6][L64] scores of one row block
+  uint16_t* p;   // [6][Lp] probabilities, bf16 (before them: 64 keys x dp, bf16, while packing)
+  float* zeros;  // [max(L64, d64)] the block kernel's bias
+};
+
+size_t attn_carve(void* base, int64_t L, int64_t d, AttnScratch* out) {
+  const int64_t L64 = ro_round_up(L, 64), dp = ro_round_up(d, 2), Lp = ro_round_up(L, 2), d64 = ro_round_up(d, 64);
+  const size_t sizes[6] = {sizeof(uint16_t) * L * dp, sizeof(uint16_t) * L64 * dp, sizeof(uint16_t) * d64 * Lp, sizeof(float) * 6 * L64,
+                           sizeof(uint16_t) * (6 * Lp > 64 * dp ? 6 * Lp : 64 * dp), sizeof(float) * (L64 > d64 ? L64 : d64)};
+  char* p = static_cast<char*>(base);
+  size_t used = 0;
+  void* parts[6];
+  for (int i = 0; i < 6; ++i) {
+    parts[i] = p + used;
+    used += (sizes[i] + 63) / 64 * 64;
+  }
+  if (out != nullptr) {
+    out->q = static_cast<uint16_t*>(parts[0]);
+    out->k = static_cast<uint16_t*>(parts[1]);
+    out->v = static_cast<uint16_t*>(parts[2]);
+    out->s = static_cast<float*>(parts[3]);
+    out->p = static_cast<uint16_t*>(parts[4]);
+    out->zeros = static_cast<float*>(parts[5]);
+  }
+  return used;
+}
+
+void attention_bf16(const AttentionArgs& g) {
+  const int64_t L = g.length, d = g.head_dim, H = g.hidden, ld = 3 * H;
+  const int64_t L64 = ro_round_up(L, 64), dp = ro_round_up(d, 2), Lp = ro_round_up(L, 2), d64 = ro_round_up(d, 64);
+  AttnScratch a;
+  attn_carve(g.scratch, L, d, &a);
+  const float* q = g.qkv + g.row0 * ld + g.head * d;
+  const float* kk = q + H;
+  const float* vv = q + 2 * H;
+  std::memset(a.k, 0, sizeof(uint16_t) * L64 * dp);
+  std::memset(a.v, 0, sizeof(uint16_t) * d64 * Lp);
+  std::memset(a.zeros, 0, sizeof(float) * (L64 > d64 ? L64 : d64));
+  // queries and keys as bf16 rows (contiguous, vectorised); the keys then move into the kernel's
+  // panels as 32-bit pairs of head dims: contiguous writes, reads within L1
+  uint16_t* kt = a.p;  // the probability rows are free until the first row block: 64 keys x dp fit there
+  for (int64_t t = 0; t < L; ++t) {
+    uint16_t* qr = a.q + t * dp;
+    const float* qs = q + t * ld;
+    for (int64_t c = 0; c < d; ++c) qr[c] = ro_to_bf16(qs[c]);
+    if (dp > d) qr[d] = 0;
+  }
+  for (int64_t t0 = 0; t0 < L; t0 += 64) {
+    const int64_t tn = ro_min(64, L - t0);
+    for (int64_t t = 0; t < tn; ++t) {
+      uint16_t* kr = kt + t * dp;
+      const float* ks = kk + (t0 + t) * ld;
+      for (int64_t c = 0; c < d; ++c) kr[c] = ro_to_bf16(ks[c]);
+      if (dp > d) kr[d] = 0;
+    }
+    uint32_t* panel = reinterpret_cast<uint32_t*>(a.k + (t0 / 64) * 64 * dp);
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(kt);
+    for (int64_t pr = 0; pr < dp / 2; ++pr)
+      for (int64_t t = 0; t < tn; ++t) panel[pr * 64 + t] = src[t * (dp / 2) + pr];
+  }
+  // values: pairs of consecutive keys per head dimension, panels of 64 dimensions
+  for (int64_t r = 0; r < Lp / 2; ++r) {
+    const float* v0 = vv + 2 * r * ld;
+    const float* v1 = 2 * r + 1 < L ? v0 + ld : nullptr;
+    for (int64_t c0 = 0; c0 < d; c0 += 64) {
+      uint32_t* out = reinterpret_cast<uint32_t*>(a.v) + ((c0 / 64) * (Lp / 2) + r) * 64;
+      const int64_t cn = ro_min(64, d - c0);
+      if (v1 != nullptr) {
+        for (int64_t c = 0; c < cn; ++c) out[c] = ro_to_bf16(v0[c0 + c]) | (static_cast<uint32_t>(ro_to_bf16(v1[c0 + c])) << 16);
+      } else {
+        for (int64_t c = 0; c < cn; ++c) out[c] = ro_to_bf16(v0[c0 + c]);
+      }
+    }
+  }
+  LinearView scores{};
+  scores.in = d;
+  scores.out = L;
+  scores.k_pad = dp;
+  scores.n_pad = L64;
+  scores.bias = a.zeros;
+  LinearView values{};
+  values.in = L;
+  values.out = d;
+  values.k_pad = Lp;
+  values.n_pad = d64;
+  values.bias = a.zeros;
+  const float scale = 1.0f / __builtin_sqrtf(static_cast<float>(d));
+  for (int64_t q0 = 0; q0 < L; q0 += kMr) {
+    const int64_t mr = ro_min(kMr, L - q0);
+    for (int64_t kb = 0; kb < L64 / 64; ++kb) block(mr, scores, a.q + q0 * dp, dp, a.k + kb * 64 * dp, kb * 64, Epilogue::kBias, a.s, L64);
+    for (int64_t i = 0; i < mr; ++i) {
+      float* si = a.s + i * L64;
+      softmax512(si, L, scale);
+      uint16_t* pi = a.p + i * Lp;
+      for (int64_t j = 0; j < L; ++j) pi[j] = ro_to_bf16(si[j]);
+      if (Lp > L) pi[L] = 0;
+    }
+    float* out = g.ctx + (g.row0 + q0) * H + g.head * d;
+    for (int64_t vb = 0; vb < d64 / 64; ++vb) block(mr, values, a.p, Lp, a.v + vb * 64 * Lp, vb * 64, Epilogue::kBias, out, H);
+  }
+}
+
+// The table's fp32 attention (from isa_avx512.cpp), kept for fp32 models.
+size_t (*g_f32_scratch)(Precision, int64_t, int64_t) = nullptr;
+void (*g_f32_attention)(Precision, const AttentionArgs&) = nullptr;
+
+size_t attention_scratch_any(Precision p, int64_t max_len, int64_t d) {
+  return p == Precision::kFp32 ? g_f32_scratch(p, max_len, d) : attn_carve(nullptr, max_len, d, nullptr) + 64;
+}
+
+void attention_any(Precision p, const AttentionArgs& g) {
+  if (p == Precision::kFp32) return g_f32_attention(p, g);
+  attention_bf16(g);
+}
+
 }  // namespace
 }  // namespace avx512_bf16
 
 void avx512_bf16_fill(IsaKernels& k) {
+  avx512_bf16::g_f32_scratch = k.attention_scratch_bytes;
+  avx512_bf16::g_f32_attention = k.attention;
+  k.attention_scratch_bytes = avx512_bf16::attention_scratch_any;
+  k.attention = avx512_bf16::attention_any;
+  k.attention_desc[static_cast<int>(Precision::kInt8)] = "bf16 vdpbf16ps products, fp32 softmax";
   GemmKernel& g = k.gemm[static_cast<int>(Precision::kBf16)];
   g.k_step = avx512_bf16::kG;
   g.n_block = avx512_bf16::kNb;
@@ -122,7 +248,7 @@ void avx512_bf16_fill(IsaKernels& k) {
   g.quantize_row = avx512_bf16::ro_quantize_bf16;
   g.gemm = avx512_bf16::gemm;
   k.linear_desc[static_cast<int>(Precision::kBf16)] = "bf16, AVX-512 BF16 vdpbf16ps (fp32 sums)";
-  k.attention_desc[static_cast<int>(Precision::kBf16)] = "fp32, exact softmax";
+  k.attention_desc[static_cast<int>(Precision::kBf16)] = "bf16 vdpbf16ps products, fp32 softmax";
 }
 
 }  // namespace encoder

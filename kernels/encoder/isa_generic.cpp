@@ -26,6 +26,9 @@ static void f32_block(int64_t mr, const float* a, int64_t lda, const float* b, i
   }
 }
 
+inline void softmax_row(float* s, int64_t n, float scale) { ro_softmax(s, n, scale); }
+inline void gelu_row(float* x, int64_t n) { ro_gelu_inplace(x, n); }
+
 #include "f32ops.inc"
 
 // int8: s8 x s8 products in int32, weights in groups of 4 k per column, panels of 16 columns.

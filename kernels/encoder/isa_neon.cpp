@@ -60,6 +60,9 @@ void f32_block(int64_t mr, const float* a, int64_t lda, const float* b, int64_t 
   }
 }
 
+inline void softmax_row(float* s, int64_t n, float scale) { ro_softmax(s, n, scale); }
+inline void gelu_row(float* x, int64_t n) { ro_gelu_inplace(x, n); }
+
 #include "f32ops.inc"
 
 // ---- int8: 6 rows x 16 columns, sdot -----------------------------------------------------------
