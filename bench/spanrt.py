@@ -34,7 +34,7 @@ class SpanRTSystem(System):
             # context_cache=0: every question is tokenized in full, as the peers do; SQuAD's several
             # questions per paragraph would otherwise skip tokenization the peers pay for.
             self.engine = Engine(self.artifacts.bundle, backend=self.spec.backend, precision=self.spec.precision,
-                                 max_batch_size=self.max_batch_size, threads=self.threads, context_cache=0)
+                                 max_batch_size=self.max_batch_size, threads=self.threads, context_cache=0, cpu_isa=self.spec.cpu_isa)
         except BackendUnavailableError as exc:
             raise SystemUnavailable(str(exc)) from exc
         eng = self.engine

@@ -49,6 +49,8 @@ class SystemSpec:
     # reference backend): with the default batch sizes it answers at batch 1 and the largest only,
     # which keeps the default run within 10 minutes on 2 cores. --batch-sizes runs it at every size.
     ends_only: bool = False
+    # The native encoder's instruction-set cap (engine option cpu_isa): a lower path measured on the same machine.
+    cpu_isa: str | None = None
 
 
 SYSTEMS: tuple[SystemSpec, ...] = (
@@ -66,6 +68,8 @@ SYSTEMS: tuple[SystemSpec, ...] = (
     SystemSpec("spanrt-onnxruntime-int8", "spanrt", "onnxruntime", "int8", "cpu", "SpanRT, ONNX Runtime CPU, int8"),
     SystemSpec("spanrt-native-fp32", "spanrt", "native", "fp32", "cpu", "SpanRT, native C++ encoder, fp32"),
     SystemSpec("spanrt-native-int8", "spanrt", "native", "int8", "cpu", "SpanRT, native C++ encoder, int8"),
+    SystemSpec("spanrt-native-int8-avx2", "spanrt", "native", "int8", "cpu",
+               "SpanRT, native C++ encoder, int8, capped at its AVX2 path (cpu_isa='avx2': AVX-VNNI where present)", cpu_isa="avx2"),
     SystemSpec("spanrt-onnxruntime-openvino-bf16", "spanrt", "onnxruntime-openvino", "bf16", "cpu",
                "SpanRT, ONNX Runtime with the OpenVINO plugin (CPU), bf16 from the fp32 model"),
     SystemSpec("spanrt-torch-fp32", "spanrt", "torch", "fp32", "cpu", "SpanRT, PyTorch backend (reference), fp32", ends_only=True),
