@@ -26,7 +26,7 @@ FORMAT = "spanrt-bundle"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
-MODEL_TYPES = ("bert", "distilbert", "roberta", "electra")
+MODEL_TYPES = ("bert", "distilbert", "roberta", "electra", "xlm-roberta", "camembert", "albert", "mpnet", "deberta-v2", "modernbert")
 # "onnx": graphs for ONNX Runtime (may hold com.microsoft fused ops);
 # "onnx-trt": standard-op graphs, the inputs `python -m export build-trt` builds plans from;
 # "tensorrt": serialized TensorRT engines (.plan), valid for one TensorRT version and one GPU;

@@ -48,24 +48,21 @@ class Template:
 
 
 def learn_template(tokenizer: object, tokenizer_path: Path) -> Template:
-    """Read the pair layout off the tokenizer's pair template (one encode of two 1-token texts)."""
-    a = tokenizer.encode("a", add_special_tokens=False)  # type: ignore[attr-defined]
-    b = tokenizer.encode("b", add_special_tokens=False)  # type: ignore[attr-defined]
-    if len(a.ids) != 1 or len(b.ids) != 1:
-        raise BundleError(f"tokenizer {tokenizer_path}: 'a' and 'b' should be one token each, got {a.tokens} and {b.tokens}. "
-                          "Fix: export the bundle again with the model's own fast tokenizer")
+    """Read the pair layout off the tokenizer's pair template (one encode of two short texts; they
+    may take several tokens each, as a SentencePiece vocabulary can split even "a")."""
     pair = tokenizer.encode("a", "b", add_special_tokens=True)  # type: ignore[attr-defined]
     seq = pair.sequence_ids
     ids = np.asarray(pair.ids, dtype=np.int64)
     types = np.asarray(pair.type_ids, dtype=np.int64)
-    if seq.count(0) != 1 or seq.count(1) != 1 or seq.index(0) > seq.index(1):
+    q = [i for i, s in enumerate(seq) if s == 0]
+    c = [i for i, s in enumerate(seq) if s == 1]
+    if not q or not c or q != list(range(q[0], q[-1] + 1)) or c != list(range(c[0], c[-1] + 1)) or q[-1] > c[0]:
         raise BundleError(f"tokenizer {tokenizer_path}: its post-processor has no (question, context) pair template "
                           f"(sequence ids {seq}). Fix: export the bundle again with a question-answering tokenizer")
-    qi, ci = seq.index(0), seq.index(1)
     return Template(
-        prefix=ids[:qi], middle=ids[qi + 1 : ci], suffix=ids[ci + 1 :],
-        prefix_types=types[:qi], middle_types=types[qi + 1 : ci], suffix_types=types[ci + 1 :],
-        question_type=int(types[qi]), context_type=int(types[ci]),
+        prefix=ids[: q[0]], middle=ids[q[-1] + 1 : c[0]], suffix=ids[c[-1] + 1 :],
+        prefix_types=types[: q[0]], middle_types=types[q[-1] + 1 : c[0]], suffix_types=types[c[-1] + 1 :],
+        question_type=int(types[q[0]]), context_type=int(types[c[0]]),
     )
 
 

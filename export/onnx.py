@@ -1,7 +1,8 @@
 """Hugging Face span checkpoint -> ONNX: inspect, load, trace, verify against PyTorch, optimize.
 
-Supported heads: BERT (and BERT-architecture checkpoints such as SpanBERT and MiniLM), DistilBERT,
-RoBERTa and ELECTRA ``*ForQuestionAnswering``. The graph has dynamic batch and sequence axes,
+Supported heads (``SUPPORTED``): BERT (and BERT-architecture checkpoints such as SpanBERT and
+MiniLM), DistilBERT, RoBERTa, ELECTRA, XLM-RoBERTa, CamemBERT, ALBERT, MPNet, DeBERTa-v2 (DeBERTa-v3,
+mDeBERTa) and ModernBERT ``*ForQuestionAnswering``. The graph has dynamic batch and sequence axes,
 inputs named as the model needs them and outputs ``start_logits`` / ``end_logits``.
 """
 
@@ -24,17 +25,44 @@ MAX_ANSWER_TOKENS = 30  # span length limit used by the span comparisons below
 
 
 @dataclass(frozen=True)
-class _Family:
+class Family:
+    """What the export knows about one model_type: its span head class, inputs and graph treatment."""
+
     architecture: str
     input_names: tuple[str, ...]
     position_offset: int  # positions the embedding table reserves (RoBERTa: padding_idx + 1)
+    # ONNX Runtime transformer-optimizer fusions that fit the family's graph ("bert": Attention,
+    # LayerNorm, GELU, embeddings), or None: the exported graph is kept as traced (plain graph;
+    # ONNX Runtime still applies its own graph optimizations when it loads it).
+    optimizer: str | None
+    attention_fuses: bool  # whether the optimizer's Attention fusion matches each layer
+    # Why SpanRT's native encoder cannot compute this family (None: it can); the export writes
+    # no native artifact then and records this reason in the manifest.
+    not_native: str | None = None
+    head: str = "qa_outputs"  # the span head's module: a Linear(hidden, 2)
 
 
-SUPPORTED: dict[str, _Family] = {
-    "bert": _Family("BertForQuestionAnswering", ("input_ids", "attention_mask", "token_type_ids"), 0),
-    "distilbert": _Family("DistilBertForQuestionAnswering", ("input_ids", "attention_mask"), 0),
-    "roberta": _Family("RobertaForQuestionAnswering", ("input_ids", "attention_mask"), 2),
-    "electra": _Family("ElectraForQuestionAnswering", ("input_ids", "attention_mask", "token_type_ids"), 0),
+_BERT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+_ROBERTA_INPUTS = ("input_ids", "attention_mask")
+_NATIVE_PENDING = "the native encoder's weight-name mapping does not cover this family yet"
+
+SUPPORTED: dict[str, Family] = {
+    "bert": Family("BertForQuestionAnswering", _BERT_INPUTS, 0, "bert", True),
+    "distilbert": Family("DistilBertForQuestionAnswering", _ROBERTA_INPUTS, 0, "bert", True),
+    "roberta": Family("RobertaForQuestionAnswering", _ROBERTA_INPUTS, 2, "bert", True),
+    "electra": Family("ElectraForQuestionAnswering", _BERT_INPUTS, 0, "bert", True),
+    "xlm-roberta": Family("XLMRobertaForQuestionAnswering", _ROBERTA_INPUTS, 2, "bert", True, _NATIVE_PENDING),
+    "camembert": Family("CamembertForQuestionAnswering", _ROBERTA_INPUTS, 2, "bert", True, _NATIVE_PENDING),
+    "albert": Family("AlbertForQuestionAnswering", _BERT_INPUTS, 0, "bert", True, _NATIVE_PENDING),
+    "mpnet": Family("MPNetForQuestionAnswering", _ROBERTA_INPUTS, 2, "bert", False,
+                     "MPNet adds a bucketed relative position bias to every layer's attention scores, "
+                     "which the native encoder does not compute; it runs on ONNX Runtime"),
+    "deberta-v2": Family("DebertaV2ForQuestionAnswering", _BERT_INPUTS, 0, "bert", False,
+                          "DeBERTa's disentangled (content-to-position) attention is not computed by the native encoder; "
+                          "it runs on ONNX Runtime"),
+    "modernbert": Family("ModernBertForQuestionAnswering", _ROBERTA_INPUTS, 0, None, False,
+                          "ModernBERT (rotary positions, GeGLU, pre-LayerNorm, alternating local/global attention) is not "
+                          "computed by the native encoder; it runs on ONNX Runtime", head="classifier"),
 }
 
 
@@ -52,6 +80,11 @@ class ModelSpec:
     vocab_size: int  # rows of the word-embedding table
     max_positions: int  # longest sequence the position embeddings allow
     config: dict[str, Any]
+
+    @property
+    def family(self) -> Family:
+        """The family entry of this checkpoint's model_type."""
+        return SUPPORTED[self.model_type]
 
 
 def _supported_list() -> str:
@@ -86,8 +119,11 @@ def inspect_checkpoint(model_dir: str | Path) -> ModelSpec:
         heads, hidden, layers = cfg["n_heads"], cfg["dim"], cfg["n_layers"]
     else:
         heads, hidden, layers = cfg["num_attention_heads"], cfg["hidden_size"], cfg["num_hidden_layers"]
+    inputs = fam.input_names
+    if cfg.get("type_vocab_size", 1) == 0:  # DeBERTa-v3: no token type embeddings, the input goes unused
+        inputs = tuple(n for n in inputs if n != "token_type_ids")
     return ModelSpec(
-        model_dir=d, model_type=model_type, architecture=fam.architecture, input_names=fam.input_names,
+        model_dir=d, model_type=model_type, architecture=fam.architecture, input_names=inputs,
         num_heads=int(heads), hidden_size=int(hidden), num_layers=int(layers), vocab_size=int(cfg["vocab_size"]),
         max_positions=int(cfg["max_position_embeddings"]) - fam.position_offset, config=cfg,
     )
@@ -129,13 +165,14 @@ def load_model(spec: ModelSpec) -> Any:
         model, info = cls.from_pretrained(
             str(spec.model_dir), attn_implementation="eager", output_loading_info=True, local_files_only=True
         )
-    missing = [k for k in info.get("missing_keys", []) if "qa_outputs" in k]
+    head_name = spec.family.head
+    missing = [k for k in info.get("missing_keys", []) if k.split(".")[0] == head_name]
     if missing:
         raise UnsupportedModelError(
             f"{spec.model_dir}: the span head weights ({', '.join(sorted(missing))}) are not in the checkpoint; "
             "it is a base encoder, not a fine-tuned span model (fine-tune it first: python -m export finetune ...)"
         )
-    head = getattr(model, "qa_outputs", None)
+    head = getattr(model, head_name, None)
     if head is None or getattr(head, "out_features", None) != 2:
         raise UnsupportedModelError(f"{spec.model_dir}: the span head does not give 2 logits per token (start, end)")
     # transformers 5 loads in the checkpoint's dtype ("auto"); the export and its checks run in fp32.
@@ -285,24 +322,31 @@ def verify_against(reference: list[tuple[np.ndarray, np.ndarray]], session: Any,
 
 
 def optimize_onnx(src: str | Path, dst: str | Path, spec: ModelSpec, *, skip_layer_norm: bool = False) -> dict[str, int]:
-    """Fuse attention, LayerNorm, GELU and embeddings with ONNX Runtime's transformer optimizer.
+    """Fuse attention, LayerNorm, GELU and embeddings with ONNX Runtime's transformer optimizer,
+    where it knows the family (``Family.optimizer``); else write the traced graph unchanged.
 
-    Returns the fused-operator counts. Every family here uses the 'bert' fusions (ORT's own
-    mapping: DistilBERT, RoBERTa and ELECTRA are BERT-shaped encoders). ``skip_layer_norm``
+    Returns the fused-operator counts ({} for a plain graph). The families it knows use the 'bert'
+    fusions (ORT's and Optimum's mapping: they are BERT-shaped encoders; on DeBERTa's and MPNet's
+    graphs only some fusions match, see ``Family.attention_fuses``). ``skip_layer_norm``
     fuses residual Add + LayerNormalization into SkipLayerNormalization: right for GPUs, wrong for
     the CPU graphs (fp32, int8), where ONNX Runtime 1.32's SkipLayerNormalization kernel is slower
     than the two ops it replaces (see engine/backends/onnxruntime_cpu.py for the figures).
     """
+    import onnx
+
+    if spec.family.optimizer is None:
+        onnx.save(onnx.load(str(src)), str(dst))
+        return {}
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    opts = FusionOptions("bert")
+    opts = FusionOptions(spec.family.optimizer)
     opts.enable_gelu_approximation = False  # exact erf GELU: keeps parity with PyTorch
     opts.enable_skip_layer_norm = skip_layer_norm
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = optimize_model(
-            str(src), model_type="bert", num_heads=spec.num_heads, hidden_size=spec.hidden_size,
+            str(src), model_type=spec.family.optimizer, num_heads=spec.num_heads, hidden_size=spec.hidden_size,
             optimization_options=opts, opt_level=0, use_gpu=False,
         )
     stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}

@@ -166,9 +166,14 @@ def export_bundle(model_dir: str | Path, out: str | Path, opts: ExportOptions | 
         with progress.step("verify ONNX fp32 vs PyTorch"):
             verification["onnx_fp32"] = onnx_export.verify_against(
                 reference, onnx_export.ort_session(raw), batches, atol=FP32_ATOL, min_span_agreement=1.0, label="ONNX fp32")
-        if opts.native:
+        native_record: dict[str, Any] = {"written": False, "reason": "left out by --no-native"}
+        if opts.native and spec.family.not_native is not None:
+            native_record["reason"] = f"{spec.model_type}: {spec.family.not_native}"
+            progress.log(f"[export] native encoder weights not written: {native_record['reason']}")
+        elif opts.native:
             with progress.step("native encoder weights"):
                 verification["native"] = _write_native(w, model, spec, reference, batches, opts)
+            native_record = {"written": True}
         del model  # free the PyTorch copy before quantization
 
         fused = w.path("model.fp32.onnx")
@@ -177,8 +182,10 @@ def export_bundle(model_dir: str | Path, out: str | Path, opts: ExportOptions | 
         with progress.step("verify optimized fp32 vs PyTorch"):
             verification["onnx_fp32_optimized"] = onnx_export.verify_against(
                 reference, onnx_export.ort_session(fused), batches, atol=FP32_ATOL, min_span_agreement=1.0, label="optimized ONNX fp32")
-        expected = {"Attention": spec.num_layers}
+        expected = {"Attention": spec.num_layers} if spec.family.attention_fuses else {}
         incomplete = {k: fusions.get(k, 0) for k, n in expected.items() if fusions.get(k, 0) != n}
+        graph = {"optimizer": f"onnxruntime.transformers {spec.family.optimizer} fusions" if spec.family.optimizer
+                 else "none: plain traced graph (ONNX Runtime's transformer optimizer does not know this family)"}
 
         calib: list[EncodedBatch] = []
         needs_calib = ("int8" in opts.precisions and opts.int8.recipe == "static") or "int8" in opts.tensorrt_onnx or "int8" in opts.tensorrt
@@ -192,8 +199,8 @@ def export_bundle(model_dir: str | Path, out: str | Path, opts: ExportOptions | 
                      for p in calib_pool[: opts.calibration_samples]]
 
         if "fp32" in opts.precisions:
-            w.add_artifact("model.fp32.onnx", format="onnx", precision="fp32", optimized=True, fusions=fusions,
-                           fusions_incomplete=incomplete or None, opset=opts.opset)
+            w.add_artifact("model.fp32.onnx", format="onnx", precision="fp32", optimized=bool(spec.family.optimizer), **graph,
+                           fusions=fusions, fusions_incomplete=incomplete or None, opset=opts.opset)
 
         if "int8" in opts.precisions:
             from export.quantize import quantize
@@ -204,7 +211,8 @@ def export_bundle(model_dir: str | Path, out: str | Path, opts: ExportOptions | 
                 verification["onnx_int8"] = onnx_export.verify_against(
                     reference, onnx_export.ort_session(w.path("model.int8.onnx")), batches, atol=None,
                     min_span_agreement=opts.min_int8_span_agreement, label="ONNX int8")
-            w.add_artifact("model.int8.onnx", format="onnx", precision="int8", optimized=True, quantization=qinfo, opset=opts.opset)
+            w.add_artifact("model.int8.onnx", format="onnx", precision="int8", optimized=bool(spec.family.optimizer), **graph,
+                           quantization=qinfo, opset=opts.opset)
 
         if "fp16" in opts.precisions:
             from export.fp16 import convert_fp16, verify_fp16
@@ -216,7 +224,8 @@ def export_bundle(model_dir: str | Path, out: str | Path, opts: ExportOptions | 
                 gpu_fused.unlink()
             with progress.step("verify FP16 vs PyTorch"):
                 verification["onnx_fp16"] = verify_fp16(reference, w.path("model.fp16.onnx"), batches)
-            w.add_artifact("model.fp16.onnx", format="onnx", precision="fp16", optimized=True, conversion=finfo, opset=opts.opset)
+            w.add_artifact("model.fp16.onnx", format="onnx", precision="fp16", optimized=bool(spec.family.optimizer), **graph,
+                           conversion=finfo, opset=opts.opset)
 
         trt_inputs = set(opts.tensorrt_onnx) | set(opts.tensorrt)
         if "fp16" in trt_inputs:
@@ -260,6 +269,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, opts: ExportOptions | 
             "num_layers": spec.num_layers,
             "hidden_size": spec.hidden_size,
             "num_heads": spec.num_heads,
+            "native_encoder": native_record,
             "tokenizer": {"path": "tokenizer.json", "sha256": "", **{k: v for k, v in tok_info.items() if k not in ("vocab_size", "do_lower_case")}},
             "versions": _versions(),
             "verification": verification,

@@ -86,7 +86,9 @@ def open_backend(bundle: Bundle, backend: str = "auto", precision: str | None = 
                 continue
             want = "bf16"
         if want is not None and want not in _precisions_of(name, bundle):
-            skipped.append(f"{name}: bundle has no {want} model for it")
+            record = bundle.manifest.get("native_encoder") if name == "native" else None  # why the export wrote none
+            why = record.get("reason") if isinstance(record, dict) else None
+            skipped.append(f"{name}: " + (f"the bundle has no native encoder weights: {why}" if why else f"bundle has no {want} model for it"))
             continue
         try:
             chosen = _open_one(name, bundle, want, threads, device_id, cpu_isa)
