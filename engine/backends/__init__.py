@@ -70,6 +70,10 @@ def open_backend(bundle: Bundle, backend: str = "auto", precision: str | None = 
                 skipped.append(f"{name}: not used for {precision} by auto (ask for backend='native' explicitly)")
                 continue
             want = precision or "int8"
+            record = bundle.manifest.get("native_encoder")  # the export's word on why it wrote no weights
+            if not bundle.precisions("native") and isinstance(record, dict) and record.get("reason"):
+                skipped.append(f"{name}: the bundle has no native encoder weights: {record['reason']}")
+                continue
             try:
                 from engine.backends.native import auto_skip_reason
 
@@ -86,9 +90,7 @@ def open_backend(bundle: Bundle, backend: str = "auto", precision: str | None = 
                 continue
             want = "bf16"
         if want is not None and want not in _precisions_of(name, bundle):
-            record = bundle.manifest.get("native_encoder") if name == "native" else None  # why the export wrote none
-            why = record.get("reason") if isinstance(record, dict) else None
-            skipped.append(f"{name}: " + (f"the bundle has no native encoder weights: {why}" if why else f"bundle has no {want} model for it"))
+            skipped.append(f"{name}: bundle has no {want} model for it")
             continue
         try:
             chosen = _open_one(name, bundle, want, threads, device_id, cpu_isa)
