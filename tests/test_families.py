@@ -27,6 +27,7 @@ from family_checkpoints import EDGE_CASES, FAMILIES, make_checkpoint  # noqa: E4
 
 from engine import Engine  # noqa: E402
 from engine.bundle import load_bundle  # noqa: E402
+from engine.postprocess import whole_characters  # noqa: E402
 from engine.preprocess import TextEncoder  # noqa: E402
 from export.onnx import SUPPORTED  # noqa: E402
 from export.pipeline import ExportOptions, export_bundle  # noqa: E402
@@ -105,16 +106,33 @@ def _spans(answers: list[dict[str, Any]]) -> list[tuple[str, int, int]]:
     return [(d["answer"], d["start"], d["end"]) for d in answers]
 
 
+def _as_spanrt(answers: list[dict[str, Any]], context: str) -> list[dict[str, Any]]:
+    """The pipeline's answers as SpanRT gives them: widened to whole characters (an answer never
+    starts or ends inside a ZWJ emoji sequence or before a combining mark: engine.postprocess),
+    then answers that became the same text merged as the pipeline merges same-text answers
+    (scores added), best first. Fewer than it got when two merged: SpanRT's next answer is one
+    the pipeline did not return, so only this many are compared."""
+    merged: dict[str, dict[str, Any]] = {}
+    for d in answers:
+        a, z = whole_characters(context, d["start"], d["end"]) if d["answer"] else (d["start"], d["end"])
+        key = context[a:z].lower()
+        if key in merged:
+            merged[key]["score"] += d["score"]
+        else:
+            merged[key] = {"answer": context[a:z], "start": a, "end": z, "score": d["score"]}
+    return sorted(merged.values(), key=lambda d: -d["score"])
+
+
 def test_fp32_answers_equal_the_pipeline(fam: Family) -> None:
     f, family = fam, fam.name
     assert len(f.pairs) >= 50
     with Engine(f.bundle, backend="onnxruntime", precision="fp32", threads=1) as eng:
         for align in (True, False):
             for q, c in f.pairs:
-                want = f.hf(q, c, top_k=3, max_answer_len=30, align_to_words=align)
+                want = _as_spanrt(f.hf(q, c, top_k=3, max_answer_len=30, align_to_words=align), c)
                 got = [a.to_dict() for a in eng.answer(q, c, top_k=3, max_answer_len=30, align_to_words=align, max_seq_len=SEQ)]
-                assert _spans(got) == _spans(want), (family, align, q, c)
-                assert [d["score"] for d in got] == pytest.approx([d["score"] for d in want], rel=2e-3, abs=1e-6)
+                assert _spans(got[: len(want)]) == _spans(want), (family, align, q, c)
+                assert [d["score"] for d in got[: len(want)]] == pytest.approx([d["score"] for d in want], rel=2e-3, abs=1e-6)
 
 
 def test_pipeline_defaults_and_the_null_answer(fam: Family) -> None:
@@ -124,12 +142,12 @@ def test_pipeline_defaults_and_the_null_answer(fam: Family) -> None:
     qa = pipeline("question-answering", model=str(f.bundle), backend="onnxruntime", precision="fp32", threads=1)
     try:
         for q, c in f.pairs[::3]:
-            (want,) = f.hf(q, c)  # max_answer_len=15, align_to_words=True
+            want = _as_spanrt(f.hf(q, c), c)  # max_answer_len=15, align_to_words=True
             got = qa(question=q, context=c, max_seq_len=SEQ)
-            assert (got["answer"], got["start"], got["end"]) == (want["answer"], want["start"], want["end"])
-            want2 = f.hf(q, c, top_k=2, handle_impossible_answer=True)
+            assert _spans([got]) == _spans(want)
+            want2 = _as_spanrt(f.hf(q, c, top_k=2, handle_impossible_answer=True), c)
             got2 = qa(question=q, context=c, top_k=2, handle_impossible_answer=True, max_seq_len=SEQ)
-            assert _spans(got2) == _spans(want2)
+            assert _spans(got2[: len(want2)]) == _spans(want2)
     finally:
         qa.close()
 
