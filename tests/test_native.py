@@ -33,7 +33,7 @@ KNOWN_ISAS, RUNNABLE_ISAS, MISSING = _paths()
 needs_encoder = pytest.mark.skipif(bool(MISSING), reason=MISSING or "ok")
 BEST = RUNNABLE_ISAS[0] if RUNNABLE_ISAS else "generic"
 # every path of the build x precision: run where this CPU can, skipped by name elsewhere
-PATH_PRECISIONS = [(isa, p) for isa in ["amx", "avx512_vnni", "avx2", "neon", "generic"] for p in ("int8", "bf16", "fp32")]
+PATH_PRECISIONS = [(isa, p) for isa in ["amx", "avx512_bf16", "avx512_vnni", "avx2_vnni", "avx2", "neon", "generic"] for p in ("int8", "bf16", "fp32")]
 
 
 def _skip_unless_runs(isa: str, precision: str) -> None:
@@ -152,7 +152,8 @@ def test_logits_match_pytorch(family: str, hidden: int, heads: int, inter: int, 
 @pytest.mark.parametrize("precision", ["int8", "fp32"])
 def test_every_path_agrees_with_the_others(precision: str) -> None:
     """The paths share their numerics (int8: the same quantized weights and activations, exact int32
-    sums), so they agree far more closely than each does with PyTorch (AMX: bf16 attention)."""
+    sums), so they agree far more closely than each does with PyTorch (amx and avx512_bf16 compute
+    attention in bf16: a looser bound)."""
     model, spec = _model("bert", 48, 2, 100)
     feeds = _inputs("bert", [57, 33, 1, 90], 90)
     mask = feeds["attention_mask"].astype(bool)
@@ -161,7 +162,7 @@ def test_every_path_agrees_with_the_others(precision: str) -> None:
     ref = outs["generic"]
     scale = float(np.abs(ref[0][mask]).max())
     for isa, got in outs.items():
-        tol = 2e-5 if precision == "fp32" else (0.03 if isa == "amx" else 1e-3)
+        tol = 2e-5 if precision == "fp32" else (0.03 if isa in ("amx", "avx512_bf16") else 1e-3)
         for r, g in zip(ref, got):
             err = float(np.abs(r - g)[mask].max())
             assert err <= tol * scale, f"{isa} vs generic {precision}: max |diff| {err:.4g} (max |logit| {scale:.4g})"

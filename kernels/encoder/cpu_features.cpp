@@ -104,7 +104,9 @@ const CpuFeatures& cpu_features() {
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::kAmx: return "amx";
+    case Isa::kAvx512Bf16: return "avx512_bf16";
     case Isa::kAvx512Vnni: return "avx512_vnni";
+    case Isa::kAvx2Vnni: return "avx2_vnni";
     case Isa::kAvx2: return "avx2";
     case Isa::kNeon: return "neon";
     default: return "generic";
@@ -112,7 +114,7 @@ const char* isa_name(Isa isa) {
 }
 
 bool parse_isa(const std::string& name, Isa* isa) {
-  for (Isa i : {Isa::kAmx, Isa::kAvx512Vnni, Isa::kAvx2, Isa::kNeon, Isa::kGeneric}) {
+  for (Isa i : {Isa::kAmx, Isa::kAvx512Bf16, Isa::kAvx512Vnni, Isa::kAvx2Vnni, Isa::kAvx2, Isa::kNeon, Isa::kGeneric}) {
     if (name == isa_name(i)) {
       *isa = i;
       return true;
@@ -123,7 +125,7 @@ bool parse_isa(const std::string& name, Isa* isa) {
 
 std::vector<Isa> known_isas() {
 #if defined(__x86_64__) || defined(_M_X64)
-  return {Isa::kAmx, Isa::kAvx512Vnni, Isa::kAvx2, Isa::kGeneric};
+  return {Isa::kAmx, Isa::kAvx512Bf16, Isa::kAvx512Vnni, Isa::kAvx2Vnni, Isa::kAvx2, Isa::kGeneric};
 #elif defined(__aarch64__)
   return {Isa::kNeon, Isa::kGeneric};
 #else
@@ -137,8 +139,11 @@ std::string isa_unavailable_reason(Isa isa) {
     case Isa::kGeneric: return "";
 #if defined(__x86_64__) || defined(_M_X64)
     case Isa::kAmx: return f.amx_granted ? "" : f.amx_reason;
+    case Isa::kAvx512Bf16:
+      return f.avx512_vnni && f.avx512_bf16 ? "" : "this CPU (or its OS) lacks AVX-512 VNNI with AVX512_BF16 (AMD Zen 4 or newer, Intel Cooper Lake / Sapphire Rapids)";
     case Isa::kAvx512Vnni:
       return f.avx512_vnni ? "" : "this CPU (or its OS) lacks AVX-512 F/BW/DQ/VL with VNNI (Intel Cascade Lake or newer, AMD Zen 4 or newer)";
+    case Isa::kAvx2Vnni: return f.avx_vnni ? "" : "this CPU (or its OS) lacks AVX-VNNI (Intel Alder Lake or newer client chips, AMD Zen 5)";
     case Isa::kAvx2: return f.avx2 ? "" : "this CPU (or its OS) lacks AVX2 with FMA and F16C";
     case Isa::kNeon: return "the neon path is built for AArch64 CPUs only (this is x86-64)";
     default: return "unknown path";
@@ -163,8 +168,10 @@ const IsaKernels& kernels_for(Isa isa) {
   switch (isa) {
 #if defined(__x86_64__) || defined(_M_X64)
     case Isa::kAmx: return amx_kernels();
-    case Isa::kAvx512Vnni: return avx512_kernels(f.avx512_bf16);
-    case Isa::kAvx2: return avx2_kernels(f.avx_vnni);
+    case Isa::kAvx512Bf16: return avx512_kernels(true);
+    case Isa::kAvx512Vnni: return avx512_kernels(false);
+    case Isa::kAvx2Vnni: return avx2_kernels(true);
+    case Isa::kAvx2: return avx2_kernels(false);
 #endif
 #if defined(__aarch64__)
     case Isa::kNeon: return neon_kernels(f.neon_i8mm);

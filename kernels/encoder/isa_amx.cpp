@@ -354,7 +354,7 @@ const IsaKernels& amx_kernels() {
   static const IsaKernels kernels = [] {
     const IsaKernels& avx512 = avx512_kernels(true);
     g_avx512 = &avx512;
-    IsaKernels k = avx512;  // fp32 and LayerNorm: the AVX-512 path
+    IsaKernels k = avx512;  // fp32 and LayerNorm: the AVX-512 (bf16) path
     k.isa = Isa::kAmx;
     k.name = "amx";
     GemmKernel& i8 = k.gemm[static_cast<int>(Precision::kInt8)];

@@ -6,7 +6,7 @@
 // BERT answers on AVX2 CPUs in other runtimes. Here both operands are int16 instead (activations
 // quantized straight to int16, weights widened at packing) and vpmaddwd adds pairs of int16
 // products into int32: |q| <= 127, so a pair is at most 2 * 127 * 127 = 32258 and the sums are
-// exact. Register block 6 rows x 16 columns (12 ymm accumulators).
+// exact. Register block 4 rows x 16 columns (8 ymm accumulators).
 #include <immintrin.h>
 
 #include <cmath>
@@ -21,58 +21,56 @@ namespace {
 
 #include "rowops.inc"
 
-inline __m256i tail_mask8(int64_t left) {
-  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left < 8 ? left : 8)), idx);
-}
+#include "avx2_math.inc"
 
 // ---- fp32: 6 rows x 16 columns -----------------------------------------------------------------
 constexpr int64_t kF32Nb = 16;
 constexpr int64_t kF32Mr = 6;
 
-template <int MR>
-void f32_block_t(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, const float* bias, int64_t ncols, float* out,
-                 int64_t ldo) {
-  __m256 acc[MR][2];
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+// 6 rows x 16 columns in 12 named accumulators (GCC spilled an accumulator array on every k step);
+// fewer rows repeat the last one (computed, not stored).
+#define SPANRT_ROW(i)                                   \
+  {                                                     \
+    const __m256 av = _mm256_broadcast_ss(a##i + k);    \
+    c##i##0 = _mm256_fmadd_ps(av, b0, c##i##0);         \
+    c##i##1 = _mm256_fmadd_ps(av, b1, c##i##1);         \
+  }
+#define SPANRT_ZERO2(i) __m256 c##i##0 = _mm256_setzero_ps(), c##i##1 = c##i##0;
+#define SPANRT_SAVE(i)  \
+  acc[i][0] = c##i##0;  \
+  acc[i][1] = c##i##1;
+
+void f32_block(int64_t mr, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, const float* bias, int64_t ncols, float* out,
+               int64_t ldo) {
+  const float* a0 = a;
+  const float* a1 = a + ro_min(1, mr - 1) * lda;
+  const float* a2 = a + ro_min(2, mr - 1) * lda;
+  const float* a3 = a + ro_min(3, mr - 1) * lda;
+  const float* a4 = a + ro_min(4, mr - 1) * lda;
+  const float* a5 = a + ro_min(5, mr - 1) * lda;
+  SPANRT_ZERO2(0) SPANRT_ZERO2(1) SPANRT_ZERO2(2) SPANRT_ZERO2(3) SPANRT_ZERO2(4) SPANRT_ZERO2(5)
   for (int64_t k = 0; k < K; ++k) {
     const __m256 b0 = _mm256_loadu_ps(b + k * ldb), b1 = _mm256_loadu_ps(b + k * ldb + 8);
-#pragma GCC unroll 6
-    for (int i = 0; i < MR; ++i) {
-      const __m256 av = _mm256_broadcast_ss(a + i * lda + k);
-      acc[i][0] = _mm256_fmadd_ps(av, b0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(av, b1, acc[i][1]);
-    }
+    SPANRT_ROW(0) SPANRT_ROW(1) SPANRT_ROW(2) SPANRT_ROW(3) SPANRT_ROW(4) SPANRT_ROW(5)
   }
+  __m256 acc[6][2];
+  SPANRT_SAVE(0) SPANRT_SAVE(1) SPANRT_SAVE(2) SPANRT_SAVE(3) SPANRT_SAVE(4) SPANRT_SAVE(5)
   for (int v = 0; v < 2; ++v) {
     if (8 * v >= ncols) break;
     const __m256i mk = tail_mask8(ncols - 8 * v);
     const __m256 bv = bias != nullptr ? _mm256_maskload_ps(bias + 8 * v, mk) : _mm256_setzero_ps();
-    for (int i = 0; i < MR; ++i) _mm256_maskstore_ps(out + i * ldo + 8 * v, mk, _mm256_add_ps(acc[i][v], bv));
+    for (int64_t i = 0; i < mr; ++i) _mm256_maskstore_ps(out + i * ldo + 8 * v, mk, _mm256_add_ps(acc[i][v], bv));
   }
 }
-
-void f32_block(int64_t mr, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, const float* bias, int64_t ncols, float* out,
-               int64_t ldo) {
-  switch (mr) {
-    case 6: f32_block_t<6>(a, lda, b, ldb, K, bias, ncols, out, ldo); break;
-    case 5: f32_block_t<5>(a, lda, b, ldb, K, bias, ncols, out, ldo); break;
-    case 4: f32_block_t<4>(a, lda, b, ldb, K, bias, ncols, out, ldo); break;
-    case 3: f32_block_t<3>(a, lda, b, ldb, K, bias, ncols, out, ldo); break;
-    case 2: f32_block_t<2>(a, lda, b, ldb, K, bias, ncols, out, ldo); break;
-    default: f32_block_t<1>(a, lda, b, ldb, K, bias, ncols, out, ldo); break;
-  }
-}
-
-inline void softmax_row(float* s, int64_t n, float scale) { ro_softmax(s, n, scale); }
-inline void gelu_row(float* x, int64_t n) { ro_gelu_inplace(x, n); }
+#undef SPANRT_ROW
+#undef SPANRT_ZERO2
+#undef SPANRT_SAVE
 
 #include "f32ops.inc"
 
 // ---- int8 as int16 pairs: 6 rows x 16 columns, vpmaddwd ------------------------------------------
 constexpr int64_t kI8Nb = 16;
-constexpr int64_t kI8Mr = 6;
+constexpr int64_t kI8Mr = 4;
 constexpr int64_t kI8G = 2;
 
 size_t i8_packed_bytes(int64_t n_pad, int64_t k_pad) { return sizeof(int16_t) * static_cast<size_t>(n_pad * k_pad); }
@@ -84,26 +82,39 @@ void i8_pack(const void* src, int64_t out, int64_t in, int64_t k_pad, int64_t, v
     for (int64_t k = 0; k < in; ++k) d[(((n / kI8Nb) * (k_pad / kI8G) + k / kI8G) * kI8Nb + n % kI8Nb) * kI8G + k % kI8G] = q[n * in + k];
 }
 
-template <int MR>
-void i8_block_t(const LinearView& L, const int16_t* a, int64_t lda, const float* a_scale, const int16_t* panel, int64_t n0, Epilogue ep,
-                float* out, int64_t ldo) {
-  __m256i acc[MR][2];
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+// 4 rows x 16 columns in 8 named accumulators (an accumulator array is spilled by GCC; 16 ymm
+// registers hold 8 sums, 2 weight vectors, the broadcast and the products); fewer rows repeat the
+// last one (computed, not stored).
+#define SPANRT_ROW(i)                                                   \
+  {                                                                     \
+    int32_t pair;                                                       \
+    std::memcpy(&pair, a##i + o, 4);                                    \
+    const __m256i av = _mm256_set1_epi32(pair);                         \
+    c##i##0 = _mm256_add_epi32(c##i##0, _mm256_madd_epi16(av, b0));     \
+    c##i##1 = _mm256_add_epi32(c##i##1, _mm256_madd_epi16(av, b1));     \
+  }
+#define SPANRT_ZERO2(i) __m256i c##i##0 = _mm256_setzero_si256(), c##i##1 = c##i##0;
+#define SPANRT_SAVE(i)  \
+  acc[i][0] = c##i##0;  \
+  acc[i][1] = c##i##1;
+
+void i8_block(int64_t mr, const LinearView& L, const int16_t* a, int64_t lda, const float* a_scale, const int16_t* panel, int64_t n0,
+              Epilogue ep, float* out, int64_t ldo) {
+  const int16_t* a0 = a;
+  const int16_t* a1 = a + ro_min(1, mr - 1) * lda;
+  const int16_t* a2 = a + ro_min(2, mr - 1) * lda;
+  const int16_t* a3 = a + ro_min(3, mr - 1) * lda;
+  SPANRT_ZERO2(0) SPANRT_ZERO2(1) SPANRT_ZERO2(2) SPANRT_ZERO2(3)
   const int64_t groups = L.k_pad / kI8G;
   for (int64_t g = 0; g < groups; ++g) {
     const int16_t* bp = panel + g * kI8Nb * kI8G;
     const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(bp)),
                   b1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(bp + 16));
-#pragma GCC unroll 6
-    for (int i = 0; i < MR; ++i) {
-      int32_t pair;
-      std::memcpy(&pair, a + i * lda + g * kI8G, 4);
-      const __m256i av = _mm256_set1_epi32(pair);
-      acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(av, b0));
-      acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(av, b1));
-    }
+    const int64_t o = g * kI8G;
+    SPANRT_ROW(0) SPANRT_ROW(1) SPANRT_ROW(2) SPANRT_ROW(3)
   }
+  __m256i acc[4][2];
+  SPANRT_SAVE(0) SPANRT_SAVE(1) SPANRT_SAVE(2) SPANRT_SAVE(3)
   const int64_t ncols = ro_min(kI8Nb, L.out - n0);
   for (int v = 0; v < 2; ++v) {
     if (8 * v >= ncols) break;
@@ -111,14 +122,17 @@ void i8_block_t(const LinearView& L, const int16_t* a, int64_t lda, const float*
     const __m256i mk = tail_mask8(ncols - 8 * v);
     const __m256 ws = _mm256_loadu_ps(L.scale + n);
     const __m256 bias = _mm256_loadu_ps(L.bias + n);
-    for (int i = 0; i < MR; ++i) {
+    for (int64_t i = 0; i < mr; ++i) {
       const __m256 x = _mm256_cvtepi32_ps(acc[i][v]);
       _mm256_maskstore_ps(out + i * ldo + n, mk, _mm256_fmadd_ps(x, _mm256_mul_ps(ws, _mm256_set1_ps(a_scale[i])), bias));
     }
   }
   if (ep == Epilogue::kBiasGelu)
-    for (int i = 0; i < MR; ++i) ro_gelu_inplace(out + i * ldo + n0, ncols);
+    for (int64_t i = 0; i < mr; ++i) gelu_row(out + i * ldo + n0, ncols);
 }
+#undef SPANRT_ROW
+#undef SPANRT_ZERO2
+#undef SPANRT_SAVE
 
 void i8_gemm(const LinearView& L, const void* a, int64_t lda, const float* a_scale, int64_t m0, int64_t m1, int64_t nb0, int64_t nb1,
              Epilogue ep, float* out, int64_t ldo) {
@@ -133,14 +147,7 @@ void i8_gemm(const LinearView& L, const void* a, int64_t lda, const float* a_sca
       for (int64_t m = r0; m < r1; m += kI8Mr) {
         const int16_t* am = x + m * lda;
         float* om = out + m * ldo;
-        switch (ro_min(kI8Mr, r1 - m)) {
-          case 6: i8_block_t<6>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
-          case 5: i8_block_t<5>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
-          case 4: i8_block_t<4>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
-          case 3: i8_block_t<3>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
-          case 2: i8_block_t<2>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
-          default: i8_block_t<1>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
-        }
+        i8_block(ro_min(kI8Mr, r1 - m), L, am, lda, a_scale + m, panel, n0, ep, om, ldo);
       }
     }
   }
@@ -175,6 +182,8 @@ const IsaKernels& avx2_kernels(bool vnni) {
   }();
   static const IsaKernels with_vnni = [] {
     IsaKernels k = base;
+    k.isa = Isa::kAvx2Vnni;
+    k.name = "avx2_vnni";
     avxvnni_fill(k);
     return k;
   }();

@@ -219,6 +219,8 @@ const IsaKernels& avx512_kernels(bool bf16) {
   }();
   static const IsaKernels with_bf16 = [] {
     IsaKernels k = base;
+    k.isa = Isa::kAvx512Bf16;
+    k.name = "avx512_bf16";
     avx512_bf16_fill(k);
     return k;
   }();

@@ -20,10 +20,7 @@ constexpr int64_t kNb = 16;
 constexpr int64_t kMr = 6;
 constexpr int64_t kG = 4;
 
-inline __m256i tail_mask8(int64_t left) {
-  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left < 8 ? left : 8)), idx);
-}
+#include "avx2_math.inc"
 
 size_t packed_bytes(int64_t n_pad, int64_t k_pad) { return static_cast<size_t>(n_pad * k_pad); }
 
@@ -81,7 +78,7 @@ void block(int64_t mr, const LinearView& L, const uint8_t* a, int64_t lda, const
     }
   }
   if (ep == Epilogue::kBiasGelu)
-    for (int64_t i = 0; i < mr; ++i) ro_gelu_inplace(out + i * ldo + n0, ncols);
+    for (int64_t i = 0; i < mr; ++i) gelu_row(out + i * ldo + n0, ncols);
 }
 #undef SPANRT_ROW
 #undef SPANRT_ZERO2

@@ -23,7 +23,8 @@
 namespace spanrt {
 namespace encoder {
 
-enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512Vnni = 2, kAmx = 3, kNeon = 4 };
+// The paths, as oneDNN names its ISAs: each one is a cap that also runs on every CPU above it.
+enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx2Vnni = 2, kAvx512Vnni = 3, kAvx512Bf16 = 4, kAmx = 5, kNeon = 6 };
 enum class Precision : int { kInt8 = 0, kBf16 = 1, kFp32 = 2 };
 enum class Epilogue : int { kBias = 0, kBiasGelu = 1 };
 
@@ -95,8 +96,8 @@ struct IsaKernels {
 // The kernels of each ISA (defined in its file; absent from builds for other architectures).
 const IsaKernels& generic_kernels();
 #if defined(__x86_64__) || defined(_M_X64)
-const IsaKernels& avx2_kernels(bool vnni);          // AVX2 + FMA; int8 by vpdpbusd ymm (AVX-VNNI) or by int16 vpmaddwd
-const IsaKernels& avx512_kernels(bool bf16);        // AVX-512 F/BW/DQ/VL + VNNI; bf16 with AVX512_BF16
+const IsaKernels& avx2_kernels(bool vnni);          // "avx2": int8 by int16 vpmaddwd; "avx2_vnni": by vpdpbusd ymm (AVX-VNNI)
+const IsaKernels& avx512_kernels(bool bf16);        // "avx512_vnni"; "avx512_bf16": + bf16 GEMMs and bf16 attention
 const IsaKernels& amx_kernels();                    // AMX-INT8/BF16 tiles + AVX-512 BF16
 #endif
 #if defined(__aarch64__)
