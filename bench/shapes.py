@@ -5,8 +5,12 @@ This is the measurement behind a backend's ``max_batch_tokens`` (the ONNX Runtim
 same backend class the Engine uses (same session settings, same graph). No tokenization or
 decoding: the model alone.
 
-    python -m bench shapes [--model BUNDLE] [--backend onnxruntime] [--precision int8]
-                           [--seq 96,160,256,384] [--batch 1,2,4,8,16,32] [--threads N] [--out FILE.json]
+    python -m bench shapes [--model BUNDLE] [--backend onnxruntime] [--precision int8] [--cpu-isa avx2]
+                           [--seq 96,160,256,384] [--batch 1,2,4,8,16,32] [--threads N] [--no-peak] [--out FILE.json]
+
+With the bundle's native weights (they give the model's shape), each cell is also set against this
+CPU's measured peak of the precision (bench.peak: operations of the encoder's matrix products over
+model time).
 """
 
 from __future__ import annotations
@@ -46,6 +50,17 @@ def measure(backend: Any, seqs: list[int], batches: list[int], *, min_runs: int 
     return cells
 
 
+def add_peak_shares(cells: list[dict[str, Any]], shape: dict[str, int], peak: dict[str, Any]) -> None:
+    """Each cell's model throughput in operations/s (bench.peak's counting: 2 per multiply-add of the
+    encoder's matrix products, real tokens only) and its share of this CPU's measured peak."""
+    from bench.peak import encoder_ops
+
+    for c in cells:
+        ops = encoder_ops(shape, [c["seq"]] * c["batch"])
+        c["ops_per_s"] = ops / (c["median_ms"] / 1e3)
+        c["share_of_peak"] = c["ops_per_s"] / peak["ops_per_s"] if "ops_per_s" in peak else None
+
+
 def table(cells: list[dict[str, Any]]) -> str:
     seqs = sorted({c["seq"] for c in cells})
     batches = sorted({c["batch"] for c in cells})
@@ -54,6 +69,11 @@ def table(cells: list[dict[str, Any]]) -> str:
              "seq \\ batch " + " ".join(f"{b:>7d}" for b in batches)]
     for s in seqs:
         lines.append(f"{s:>11d} " + " ".join(f"{by[(s, b)]:7.1f}" for b in batches))
+    if all(c.get("share_of_peak") is not None for c in cells):
+        share = {(c["seq"], c["batch"]): c["share_of_peak"] for c in cells}
+        lines.append("share of this CPU's measured peak of the precision (model operations / model time)")
+        for s in seqs:
+            lines.append(f"{s:>11d} " + " ".join(f"{share[(s, b)]:7.0%}" for b in batches))
     return "\n".join(lines)
 
 
@@ -65,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=positive_int_list, default=[96, 160, 256, 384])
     ap.add_argument("--batch", type=positive_int_list, default=[1, 2, 4, 8, 16, 32])
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cpu-isa", default=None, help="the native encoder's instruction-set cap (as SPANRT_CPU_ISA)")
+    ap.add_argument("--no-peak", action="store_true", help="skip measuring this CPU's peak (a second per precision)")
     ap.add_argument("--out", type=Path, help="write the cells (raw times included) as JSON here")
     args = ap.parse_args(argv)
 
@@ -74,17 +96,29 @@ def main(argv: list[str] | None = None) -> int:
     from engine.default_model import default_bundle
 
     bundle = load_bundle(args.model or default_bundle())
-    backend, _ = open_backend(bundle, args.backend, args.precision, threads=args.threads, device_id=0)
+    backend, _ = open_backend(bundle, args.backend, args.precision, threads=args.threads, device_id=0, cpu_isa=args.cpu_isa)
     try:
         cells = measure(backend, args.seq, args.batch)
+        threads = int(backend.details.get("threads") or backend.details.get("intra_op_threads") or 1)
     finally:
         backend.close()
+    peak: dict[str, Any] = {}
+    native = bundle.find("native", "fp32")
+    if not args.no_peak and native is not None and backend.precision in ("int8", "fp32"):
+        from bench.peak import measure_peaks
+
+        peak = measure_peaks(threads)[backend.precision]
+        cfg = native.info.get("encoder", {})
+        add_peak_shares(cells, {"layers": cfg["num_layers"], "hidden": cfg["hidden_size"], "ffn": cfg["intermediate_size"]}, peak)
     print(f"{bundle.root.name}: {backend.name} {backend.precision}, {backend.details}")
     print(table(cells))
+    if peak:
+        print(f"peak ({backend.precision}, {threads} threads): " +
+              (f"{peak['ops_per_s'] / 1e9:.0f} GOP/s ({peak.get('isa')})" if "ops_per_s" in peak else peak.get("reason", "?")))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"bundle": str(bundle.root), "backend": backend.name, "precision": backend.precision,
                                         "details": {k: str(v) for k, v in backend.details.items()},
-                                        "machine": machine_info(), "cells": cells}, indent=1))
+                                        "machine": machine_info(), "peak": peak, "cells": cells}, indent=1))
         print(f"wrote {args.out}")
     return 0

@@ -106,7 +106,8 @@ def open_backend(bundle: Bundle, backend: str = "auto", precision: str | None = 
             skipped.append(f"{name}: {e}")
             logger.warning("spanrt auto backend: skipping %s: %s", name, e)
             continue
-        logger.info("spanrt auto backend: using %s (%s)", chosen.name, chosen.precision)
+        path = chosen.details.get("isa")
+        logger.info("spanrt auto backend: using %s (%s%s)", chosen.name, chosen.precision, f", {path} path" if path else "")
         return chosen, tuple(skipped)
     raise BackendUnavailableError("no backend can run this bundle here:\n  " + "\n  ".join(skipped))
 
