@@ -129,15 +129,83 @@ def score(dataset_json: dict[str, Any], predictions: dict[str, str]) -> dict[str
     return {"version": "1.1", **evaluate_v1(dataset_json["data"], predictions)}
 
 
+class ScoreInputError(ValueError):
+    """A data or predictions file that cannot be scored; the message names the file and the problem."""
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """The JSON document of ``path`` (``.gz`` decompressed), or a ScoreInputError saying why not."""
+    if path.is_dir():
+        raise ScoreInputError(f"{path}: is a folder; pass the {what} file")
+    try:
+        return read_squad_json(path)
+    except FileNotFoundError:
+        raise ScoreInputError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise ScoreInputError(f"{path}: not UTF-8 text (UTF-16 or binary?); save the {what} as UTF-8 JSON") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        detail = "empty file" if isinstance(e, json.JSONDecodeError) and not e.doc.strip() else str(e) or "nested too deeply"
+        raise ScoreInputError(f"{path}: not valid JSON ({detail})") from None
+    except (OSError, EOFError, ValueError) as e:  # unreadable, a damaged .gz, an integer beyond the digit limit
+        raise ScoreInputError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+
+
+def check_squad(dataset_json: Any, path: Path | str = "data") -> None:
+    """A SQuAD document: {"data": [{"paragraphs": [{"qas": [{"id": str, "answers": [{"text": str}]}]}]}]}."""
+    def bad(where: str, expected: str) -> ScoreInputError:
+        return ScoreInputError(f"{path}: not a SQuAD file: {where} should be {expected}")
+
+    if not isinstance(dataset_json, dict) or not isinstance(dataset_json.get("data"), list):
+        raise bad("the top level", 'an object with a "data" list of articles')
+    for i, article in enumerate(dataset_json["data"]):
+        if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
+            raise bad(f"data[{i}]", 'an article with a "paragraphs" list')
+        for j, para in enumerate(article["paragraphs"]):
+            if not isinstance(para, dict) or not isinstance(para.get("qas"), list):
+                raise bad(f"data[{i}].paragraphs[{j}]", 'a paragraph with a "qas" list')
+            for k, qa in enumerate(para["qas"]):
+                where = f"data[{i}].paragraphs[{j}].qas[{k}]"
+                if not isinstance(qa, dict) or not isinstance(qa.get("id"), str) or not isinstance(qa.get("answers"), list):
+                    raise bad(where, 'a question with a string "id" and an "answers" list')
+                if not all(isinstance(a, dict) and isinstance(a.get("text"), str) for a in qa["answers"]):
+                    raise bad(f"{where}.answers", 'a list of {"text": str} objects')
+
+
+def check_predictions(predictions: Any, path: Path | str = "predictions") -> dict[str, str]:
+    """{question id: answer text}, every value a string (an empty string is a no-answer)."""
+    if not isinstance(predictions, dict):
+        raise ScoreInputError(f"{path}: expected a JSON object {{question id: answer text}}, got a {type(predictions).__name__}")
+    for qid, text in predictions.items():
+        if not isinstance(text, str):
+            raise ScoreInputError(f"{path}: the prediction for {qid!r} is {type(text).__name__} {str(text)[:40]}, not a string "
+                                  "(answer text; \"\" for no answer)")
+    return predictions
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m bench score", description="Official SQuAD v1.1/v2.0 scoring.")
     p.add_argument("--data", required=True, type=Path, help="SQuAD-format dev file (v1.1 or v2.0, detected)")
     p.add_argument("--predictions", required=True, type=Path, help="JSON object {question id: answer text}")
     args = p.parse_args(argv)
-    dataset_json = read_squad_json(args.data)
-    predictions = json.loads(args.predictions.read_text(encoding="utf-8"))
-    if not isinstance(predictions, dict):
-        raise SystemExit(f"{args.predictions}: expected a JSON object {{question id: answer text}}")
+    try:
+        dataset_json = _read_json(args.data, "data")
+        check_squad(dataset_json, args.data)
+        predictions = check_predictions(_read_json(args.predictions, "predictions"), args.predictions)
+        known = {qa["id"] for art in dataset_json["data"] for para in art["paragraphs"] for qa in para["qas"]}
+        unknown = [q for q in predictions if q not in known]
+        if not known:
+            raise ScoreInputError(f"{args.data}: has no questions")
+        if predictions and len(unknown) == len(predictions):
+            raise ScoreInputError(f"none of the {len(predictions)} prediction ids is in {args.data} (e.g. {unknown[0]!r}): "
+                                  "predictions for another data file?")
+        if not predictions:
+            raise ScoreInputError(f"{args.predictions}: holds no predictions")
+    except ScoreInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if unknown:
+        print(f"warning: {len(unknown)} of {len(predictions)} prediction ids are not in {args.data} (e.g. {unknown[0]!r}); "
+              "they are not scored", file=sys.stderr)
     json.dump(score(dataset_json, predictions), sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

@@ -13,6 +13,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,7 @@ from engine.backends import BACKENDS, open_backend
 from engine.backends.base import check_logits
 from engine.batcher import Batch, WindowTable, build_batch, plan_batches
 from engine.bundle import PRECISIONS, Bundle, load_bundle
-from engine.errors import BundleError, CallCancelledError, EngineClosedError, InvalidInputError, RequestTooLargeError, UnknownOptionError, brief
+from engine.errors import BackendUnavailableError, BundleError, CallCancelledError, EngineClosedError, InvalidInputError, RequestTooLargeError, UnknownOptionError, brief
 from engine.postprocess import Answer, Candidates, collect, finalize
 from engine.preprocess import (
     DEFAULT_MAX_QUESTION_LEN,
@@ -247,6 +248,8 @@ class Engine:
 
         self._span_search = span_search
         self._state = threading.Condition()
+        self._pid = os.getpid()
+        _live_engines.add(self)
         self._active = 0
         self._closed = False
         self._stage_lock = threading.Lock()
@@ -401,7 +404,20 @@ class Engine:
                               f"above the model's positions ({failed}). {fix}")
         raise BundleError(f"{where}: the model fails on a {n}-token window holding token id {top} ({failed}). {fix}")
 
+    def _after_fork(self) -> None:
+        """In a forked child: new locks (a parent thread may have held one at the fork; it does not
+        exist here) and no calls in flight. The backend reopens its own state on first use."""
+        self._state = threading.Condition()
+        self._stage_lock = threading.Lock()
+        self._active = 0
+        if self._context_cache is not None:
+            self._context_cache.after_fork()
+
     def _enter(self) -> None:
+        if self._pid != os.getpid() and self.device != "cpu":
+            raise BackendUnavailableError(
+                f"this Engine runs on {self.device} and was created in process {self._pid}: a CUDA context cannot be used "
+                "in a forked child. Create the Engine after the fork (gunicorn: without --preload, or in post_fork)")
         with self._state:
             if self._closed:
                 raise EngineClosedError("this Engine was closed; create a new Engine to answer more questions")
@@ -537,6 +553,19 @@ def _host(result: Any, with_null: bool) -> tuple[np.ndarray, ...]:
     arrays = [result.spans, result.scores, result.start_lse, result.end_lse, result.null_scores if with_null else None]
     return tuple(None if a is None else np.asarray(a) for a in arrays)  # type: ignore[return-value]
 
+
+# ---- fork() --------------------------------------------------------------------------------------
+_live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    global _engines_lock
+    _engines_lock = threading.Lock()
+    for eng in list(_live_engines):
+        eng._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # ---- the module-level function ------------------------------------------------------------------
 _engines: dict[tuple[str, str, str | None], Engine] = {}

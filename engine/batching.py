@@ -127,6 +127,7 @@ class BatchingEngine:
         self._queue: deque[_Request] = deque()
         self._closing = False
         self._failure: WorkerDiedError | None = None
+        self._pid = os.getpid()
         self._stats = {"submitted": 0, "answered": 0, "failed": 0, "rejected": 0, "timed_out": 0, "batches": 0,
                        "batched_requests": 0, "largest_batch": 0, "retried_alone": 0, "cancelled": 0}
         self._threads = [threading.Thread(target=self._worker, name=f"spanrt-batching-{i}", daemon=True)
@@ -226,6 +227,10 @@ class BatchingEngine:
             raise UnknownOptionError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(_OPTION_DEFAULTS)}")
         full = {**_OPTION_DEFAULTS, **options}
         request = _Request(question, context, full, _options_key(full), concurrent.futures.Future())
+        if self._pid != os.getpid():  # checked before taking a lock a parent thread may have held
+            raise WorkerDiedError(f"this BatchingEngine was created in process {self._pid}; its worker threads do not exist "
+                                  "in this forked child. Create the BatchingEngine after the fork (gunicorn: without "
+                                  "--preload, or in a post_fork hook)")
         with self._cond:
             if self._failure is not None:
                 raise self._failure

@@ -13,7 +13,6 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -94,13 +93,23 @@ class EncodedContext:
     offsets: np.ndarray  # int64 [n, 2], [start, end) character offsets into ``text``
     encoding: Any = field(repr=False, compare=False)  # the tokenizers.Encoding (word ids, on demand)
 
-    @cached_property
+    @property
     def word_char_spans(self) -> tuple[np.ndarray, np.ndarray]:
         """Per token, the [start, end) characters of its whole word (what align_to_words snaps to).
 
         Words are the pre-tokenizer's (BERT: whitespace and punctuation splits), as in the Hugging
-        Face pipeline's ``word_to_chars``; a token without a word keeps its own offsets.
+        Face pipeline's ``word_to_chars``; a token without a word keeps its own offsets. Computed
+        once per context. Not a functools.cached_property: on Python 3.11 that holds one lock per
+        class, which serializes every thread and deadlocks a child forked while a thread held it.
+        Two threads computing it at once store equal values.
         """
+        spans = self.__dict__.get("_word_char_spans")
+        if spans is None:
+            spans = self._word_char_spans()
+            object.__setattr__(self, "_word_char_spans", spans)
+        return spans
+
+    def _word_char_spans(self) -> tuple[np.ndarray, np.ndarray]:
         n = len(self.ids)
         if n == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -175,6 +184,10 @@ class ContextCache:
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+
+    def after_fork(self) -> None:
+        """A new lock in a forked child: the parent's may have been held by a thread that is not here."""
+        self._lock = threading.Lock()
 
     def get(self, text: str) -> EncodedContext | None:
         """The cached tokens of ``text``, or None."""

@@ -152,7 +152,8 @@ SUBCOMMANDS = {"finetune": _finetune, "build-trt": _build_trt, "triton": _triton
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one export command; SpanRT errors print their message and exit with status 1."""
+    """Run one export command; SpanRT errors and file-system errors (an --out under a file, a
+    read-only file system, a name too long) print one line and exit with status 1."""
     from engine.errors import SpanRTError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -163,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         return _export(argv)
     except SpanRTError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e} (check the paths given and that the --out folder can be written)",
+              file=sys.stderr)
         return 1
 
 

@@ -99,11 +99,15 @@ def inspect_checkpoint(model_dir: str | Path) -> ModelSpec:
         raise ExportError(f"{d}: no config.json; pass a Hugging Face model folder (config, weights, tokenizer)")
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ExportError(f"{cfg_path}: unreadable ({e})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSON, the int digit limit
+        raise ExportError(f"{cfg_path}: unreadable ({str(e)[:200] or 'nested too deeply'})") from None
+    if not isinstance(cfg, dict):
+        raise UnsupportedModelError(f"{cfg_path}: a model config is a JSON object, this one is a {type(cfg).__name__}")
     model_type = cfg.get("model_type")
     archs = cfg.get("architectures") or []
-    if model_type not in SUPPORTED:
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise UnsupportedModelError(f"{cfg_path}: 'architectures' should be a list of class names, got {str(archs)[:80]}")
+    if not isinstance(model_type, str) or model_type not in SUPPORTED:
         raise UnsupportedModelError(
             f"{d}: model_type {model_type!r} ({', '.join(archs) or 'no architectures'}) is not supported; "
             f"supported span models: {_supported_list()}"
@@ -115,17 +119,21 @@ def inspect_checkpoint(model_dir: str | Path) -> ModelSpec:
             f"(no start/end logits); export needs a fine-tuned {fam.architecture} checkpoint "
             "(fine-tune one with: python -m export finetune ...)"
         )
-    if model_type == "distilbert":
-        heads, hidden, layers = cfg["n_heads"], cfg["dim"], cfg["n_layers"]
-    else:
-        heads, hidden, layers = cfg["num_attention_heads"], cfg["hidden_size"], cfg["num_hidden_layers"]
+    keys = (("n_heads", "dim", "n_layers") if model_type == "distilbert" else
+            ("num_attention_heads", "hidden_size", "num_hidden_layers")) + ("vocab_size", "max_position_embeddings")
+    sizes = [cfg.get(k) for k in keys]
+    bad = [k for k, v in zip(keys, sizes) if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 1 << 31]
+    if bad:
+        raise UnsupportedModelError(f"{cfg_path}: lacks the model sizes {', '.join(bad)} (positive integers), or they are "
+                                    "malformed; pass the checkpoint's own config.json")
+    heads, hidden, layers, vocab, positions = sizes
     inputs = fam.input_names
     if cfg.get("type_vocab_size", 1) == 0:  # DeBERTa-v3: no token type embeddings, the input goes unused
         inputs = tuple(n for n in inputs if n != "token_type_ids")
     return ModelSpec(
         model_dir=d, model_type=model_type, architecture=fam.architecture, input_names=inputs,
-        num_heads=int(heads), hidden_size=int(hidden), num_layers=int(layers), vocab_size=int(cfg["vocab_size"]),
-        max_positions=int(cfg["max_position_embeddings"]) - fam.position_offset, config=cfg,
+        num_heads=heads, hidden_size=hidden, num_layers=layers, vocab_size=vocab,
+        max_positions=positions - fam.position_offset, config=cfg,
     )
 
 
