@@ -46,6 +46,7 @@ logger = logging.getLogger("engine")
 
 GROUP_SIZE = 256  # questions tokenized and answered together (bounds memory for huge calls)
 MAX_TOP_K = 1000  # more answers than this per question is a mistake, not a request
+PREFIX_CHARS_PER_TOKEN = 6  # the prefix _refuse_huge_contexts tokenizes: English averages ~4.5 characters per token
 MAX_TOKENS_OPTION = 1 << 20  # the upper bound of the token-count options (max_answer_len, doc_stride, ...)
 DEFAULT_MAX_ANSWER_LEN = 30
 DEFAULT_MAX_BATCH_SIZE = 32
@@ -404,6 +405,25 @@ class Engine:
                               f"above the model's positions ({failed}). {fix}")
         raise BundleError(f"{where}: the model fails on a {n}-token window holding token id {top} ({failed}). {fix}")
 
+    def _refuse_huge_contexts(self, texts: list[str], contexts: list[str], offset: int, single: bool) -> None:
+        """Refuse a context far beyond max_windows before tokenizing all of it: max_windows windows
+        hold at most max_windows * max_seq_len tokens, so if a prefix of the text already has more
+        (cut mid-word, a prefix has at most a few tokens more than it has in the whole text), the
+        whole surely needs more windows. A 1.9 MB context is refused after tokenizing ~1/10 of it;
+        a context near the limit is measured exactly after tokenization (``_prepare``)."""
+        limit = self.max_windows * self.max_seq_len  # type: ignore[operator]
+        prefix_chars = limit * PREFIX_CHARS_PER_TOKEN
+        for text in texts:
+            if len(text) <= prefix_chars:
+                continue
+            _, (head,) = self._encoder.encode([], [text[:prefix_chars]])
+            if len(head.ids) > limit + 8:
+                i = contexts.index(text)
+                raise RequestTooLargeError(
+                    f"{'context' if single else f'context[{offset + i}]'} has more than {limit} tokens in its first "
+                    f"{prefix_chars} characters alone ({len(text)} in all): more than this Engine's max_windows="
+                    f"{self.max_windows} windows can hold; send a shorter context (split the document), or raise max_windows")
+
     def _after_fork(self) -> None:
         """In a forked child: new locks (a parent thread may have held one at the fork; it does not
         exist here) and no calls in flight. The backend reopens its own state on first use."""
@@ -462,6 +482,8 @@ class Engine:
                     missing[c] = None
                 else:
                     known[c] = hit
+        if self.max_windows is not None:
+            self._refuse_huge_contexts(list(missing), contexts, offset, single)
         q_ids, encoded = self._encoder.encode(questions, list(missing))
         for ctx in encoded:
             known[ctx.text] = ctx

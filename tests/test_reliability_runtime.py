@@ -146,7 +146,7 @@ def test_max_windows_refuses_a_long_context_before_any_model_work(bundle: Path) 
     with Engine(bundle, backend="onnxruntime", threads=1, max_windows=4) as e:
         runs = CountingRuns(e)
         e._backend.run = runs  # type: ignore[method-assign]
-        with pytest.raises(RequestTooLargeError, match=r"needs \d+ model windows .*max_windows=4"):
+        with pytest.raises(RequestTooLargeError, match=r"max_windows=4"):
             e.answer("Where did the ship sail?", LONG_CONTEXT)
         assert runs.calls == 0
         assert e.answer("Where did the ship sail?", CONTEXT).text == ANSWER
@@ -188,3 +188,23 @@ def _options(e: Engine) -> Any:
     return Options(e.max_seq_len, e._template.num_special, top_k=1, max_answer_len=30, handle_impossible=False,
                    handle_impossible_answer=None, null_threshold=0.0, doc_stride=None, max_seq_len=None,
                    max_question_len=64, align_to_words=True, unknown={})
+
+
+def test_a_context_far_beyond_max_windows_is_refused_from_a_prefix(bundle: Path) -> None:
+    huge = "The crew mended sails and counted stores for the long road ahead. " * 3000  # ~200 KB
+    with Engine(bundle, backend="onnxruntime", threads=1, max_windows=2) as e:
+        seen: list[int] = []
+        real = e._encoder.encode
+
+        def encode(questions: list[str], contexts: list[str]) -> Any:
+            seen.extend(len(c) for c in contexts)
+            return real(questions, contexts)
+
+        e._encoder.encode = encode  # type: ignore[method-assign]
+        with pytest.raises(RequestTooLargeError, match=r"more than 128 tokens in its first 768 characters"):
+            e.answer("Where did the ship sail?", huge)
+        assert seen == [768]  # only the prefix was tokenized, not the 200 KB
+        seen.clear()
+        with pytest.raises(RequestTooLargeError, match=r"needs \d+ model windows"):  # near the limit: measured exactly
+            e.answer("Where did the ship sail?", LONG_CONTEXT[:700])
+        assert e.answer("Where did the ship sail?", CONTEXT).text == ANSWER
