@@ -367,14 +367,23 @@ FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCh
                                                                         HealthCheck.too_slow])
 
 
+def _fuzzed_copy(template: Path, factory: pytest.TempPathFactory, name: str, path: tuple[Any, ...], value: Any) -> Path:
+    """A copy of the template bundle whose file ``name`` holds ``value`` at ``path``."""
+    root = factory.mktemp("fuzzed")
+    shutil.copytree(template, root, dirs_exist_ok=True)
+    text = _dump(_put(json.loads((root / name).read_text()), path, value))
+    if name == "tokenizer.json":
+        _write_tokenizer_json(root, text)
+    else:
+        (root / name).write_text(text)
+    return root
+
+
 @FUZZ
 @given(path=st.sampled_from(MANIFEST_PATHS), value=json_values)
 def test_fuzzed_manifest_json_loads_or_is_a_bundle_error(template_bundle: Path, tmp_path_factory: pytest.TempPathFactory,
                                                          path: tuple[Any, ...], value: Any) -> None:
-    root = tmp_path_factory.mktemp("m")
-    shutil.copytree(template_bundle, root, dirs_exist_ok=True)
-    manifest = json.loads((root / "manifest.json").read_text())
-    (root / "manifest.json").write_text(_dump(_put(manifest, path, value)))
+    root = _fuzzed_copy(template_bundle, tmp_path_factory, "manifest.json", path, value)
     try:
         load_bundle(root)
     except BundleError:
@@ -385,10 +394,7 @@ def test_fuzzed_manifest_json_loads_or_is_a_bundle_error(template_bundle: Path, 
 @given(path=st.sampled_from(TOKENIZER_PATHS), value=json_values)
 def test_fuzzed_tokenizer_json_loads_or_is_a_bundle_error(template_bundle: Path, tmp_path_factory: pytest.TempPathFactory,
                                                           path: tuple[Any, ...], value: Any) -> None:
-    root = tmp_path_factory.mktemp("t")
-    shutil.copytree(template_bundle, root, dirs_exist_ok=True)
-    tokenizer = json.loads((root / "tokenizer.json").read_text())
-    _write_tokenizer_json(root, _dump(_put(tokenizer, path, value)))
+    root = _fuzzed_copy(template_bundle, tmp_path_factory, "tokenizer.json", path, value)
     try:
         bundle = load_bundle(root)
     except BundleError:
