@@ -603,9 +603,9 @@ def _engine_for(model: Any, backend: str, precision: str | None) -> Engine:
         eng = _engines.get(("<default>", backend, precision))  # no file system look-up per call
         if eng is not None and not eng.closed:
             return eng
-        from engine.default_model import default_bundle
+        from engine.default_model import bundle_for
 
-        eng = _engine_for(default_bundle(), backend, precision)
+        eng = _engine_for(bundle_for(backend, precision), backend, precision)
         with _engines_lock:
             _engines[("<default>", backend, precision)] = eng
         return eng
@@ -702,7 +702,7 @@ def pipeline(task: str = "question-answering", model: str | os.PathLike[str] | E
     if isinstance(model, Engine):
         return QAPipeline(model)
     if model is None:
-        from engine.default_model import default_bundle
+        from engine.default_model import bundle_for
 
-        model = default_bundle()
+        model = bundle_for(backend, precision)
     return QAPipeline(Engine(model, backend=backend, precision=precision, max_batch_size=max_batch_size, threads=threads))

@@ -17,6 +17,11 @@ class BundleError(SpanRTError):
     """A bundle is missing, damaged, from another format version or for another environment."""
 
 
+class UnsupportedCheckpointError(BundleError, ValueError):
+    """A checkpoint folder the runtime cannot build a bundle from (architecture, activation,
+    missing or misshapen weights, no fast tokenizer)."""
+
+
 class BackendUnavailableError(SpanRTError):
     """A backend or precision that was asked for cannot run here (missing package, GPU, plan)."""
 

@@ -189,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     model = args.model
     if model is None:
-        from engine.default_model import default_bundle
+        from engine.default_model import bundle_for
 
-        model = default_bundle()
+        model = bundle_for(args.backend, args.precision)
     try:
         engine = BatchingEngine(model, backend=args.backend, precision=args.precision, threads=args.threads,
                                 max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,

@@ -8,7 +8,6 @@ inputs named as the model needs them and outputs ``start_logits`` / ``end_logits
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -149,13 +148,9 @@ def weight_files(model_dir: str | Path) -> list[Path]:
 
 def weights_sha256(model_dir: str | Path) -> str:
     """sha256 of the weights: of the file itself, or of the 'name sha256' lines of all shards."""
-    from engine.bundle import sha256_file
+    from engine.native_bundle import weights_sha256 as files_sha256
 
-    files = weight_files(model_dir)
-    if len(files) == 1:
-        return sha256_file(files[0])
-    lines = "".join(f"{f.name} {sha256_file(f)}\n" for f in files)
-    return hashlib.sha256(lines.encode()).hexdigest()
+    return files_sha256(weight_files(model_dir))
 
 
 def load_model(spec: ModelSpec) -> Any:
