@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from typing_extensions import Self
 
 from engine.backends import BACKENDS, open_backend
 from engine.backends.base import check_logits
