@@ -1,4 +1,5 @@
-"""The embedded default model: offline load, a real accuracy floor, and the sha256-keyed bundle cache."""
+"""The embedded default model: offline load, a real accuracy floor, the sha256-keyed bundle cache,
+and which bundle serves which backend (the torch-free native bundle for auto/native)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench.squad_eval import score
@@ -19,13 +21,50 @@ DEV = Path(__file__).resolve().parents[1] / "bench" / "data" / "squad" / "dev-v1
 # The floor sits ~4 F1 (two questions) under the measured figure, for ISA-dependent int8 rounding:
 # a regression guard, not a tautology.
 MIN_F1_50 = {"fp32": 82.0, "int8": 79.0}
-
-
+MARIE = ("Where was Marie Curie born?", "Marie Curie was born in Warsaw in 1867.")
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return dm.default_bundle(cache=tmp_path_factory.mktemp("cache"), quiet=True)
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def bundle(cache: Path) -> Path:
+    return dm.default_bundle(cache=cache, quiet=True)
+
+
+@pytest.mark.slow
+def test_the_full_bundle_is_built_by_the_export_cli_and_records_the_measured_accuracy(bundle: Path) -> None:
+    from engine.bundle import load_bundle
+
+    b = load_bundle(bundle)
+    assert b.precisions("onnx") == dm.DEFAULT_PRECISIONS and b.find("native", "fp32") is not None
+    assert b.manifest["accuracy"] == dm.MEASURED_ACCURACY
+    assert b.manifest["verification"]["native"]["checked"] is True  # the native encoder runs on every CPU
+    assert bundle.name.endswith(f"-r{dm.BUNDLE_RECIPE}")
+    assert [p.name for p in bundle.parent.iterdir() if p.name.startswith(".")] == []  # no temporary export left
+
+
+@pytest.mark.slow
+def test_the_native_bundle_holds_the_exported_weights_bit_for_bit(bundle: Path, cache: Path) -> None:
+    """The shipped fp16 safetensors read with NumPy give the export's float32 weights exactly (both
+    widen fp16 to fp32, which is exact), so the native bundle answers exactly as the full one."""
+    from engine.bundle import load_bundle
+
+    full, native = load_bundle(bundle), load_bundle(dm.default_native_bundle(cache=cache, quiet=True))
+    assert sorted(p.name for p in native.root.iterdir()) == ["manifest.json", "model.native.npz", "tokenizer.json"]
+    a, b = full.find("native", "fp32"), native.find("native", "fp32")
+    assert a is not None and b is not None and a.info["encoder"] == b.info["encoder"]
+    with np.load(a.path) as wa, np.load(b.path) as wb:
+        assert sorted(wa.files) == sorted(wb.files)
+        assert all(np.array_equal(wa[k], wb[k]) for k in wa.files)
+    assert native.pair_template == full.pair_template and native.manifest["tokenizer"]["cls_token_id"] == 101
+    assert native.manifest["accuracy"]["native_int8"] == dm.MEASURED_ACCURACY["native_int8"]
+    examples = _fixed_questions(20)
+    qs, cs = [e.question for e in examples], [e.context for e in examples]
+    with Engine(bundle, backend="native") as e1, Engine(native.root, backend="native") as e2:
+        assert [(r.text, r.score) for r in e1.answer_batch(qs, cs)] == [(r.text, r.score) for r in e2.answer_batch(qs, cs)]
 
 
 def _fixed_questions(n: int = 50) -> list:
@@ -86,6 +125,64 @@ def test_cache_is_keyed_by_the_checkpoint_sha256(tmp_path: Path, monkeypatch: py
     (ckpt / "config.json").write_text(json.dumps(config))
     second = dm.default_bundle(checkpoint=ckpt, cache=cache, quiet=True)
     assert second != first and (second / "manifest.json").is_file()
+
+
+def test_the_native_bundle_cache_is_keyed_by_the_checkpoint_sha256(tmp_path: Path) -> None:
+    ckpt = _tiny_checkpoint(tmp_path / "ckpt")
+    cache = tmp_path / "cache"
+    first = dm.default_native_bundle(checkpoint=ckpt, cache=cache, quiet=True)
+    assert first.name.endswith(f"-native-r{dm.NATIVE_RECIPE}")
+    stamp = (first / "manifest.json").stat().st_mtime_ns
+    assert dm.default_native_bundle(checkpoint=ckpt, cache=cache, quiet=True) == first
+    assert (first / "manifest.json").stat().st_mtime_ns == stamp, "a cached bundle must not be rebuilt"
+    assert "accuracy" not in json.loads((first / "manifest.json").read_text())  # not the shipped model: nothing measured
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "initializer_range": 0.03}))
+    assert dm.default_native_bundle(checkpoint=ckpt, cache=cache, quiet=True) != first
+
+
+def test_which_bundle_serves_which_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.backends import native
+
+    monkeypatch.setattr(dm, "_gpu_backend_installed", lambda: False)
+    monkeypatch.setattr(native, "auto_skip_reason", lambda cap=None: None)
+    assert dm.uses_native_bundle("auto", None) and dm.uses_native_bundle("auto", "int8") and dm.uses_native_bundle("auto", "fp32")
+    assert dm.uses_native_bundle("native", "bf16")
+    for backend, precision in [("auto", "bf16"), ("auto", "fp16"), ("onnxruntime", None), ("onnxruntime", "int8"),
+                               ("onnxruntime-openvino", "bf16"), ("torch", "fp32"), ("tensorrt", None)]:
+        assert not dm.uses_native_bundle(backend, precision), (backend, precision)
+    # no tuned native path here (the generic C++ one), or no encoder module: auto takes ONNX Runtime
+    monkeypatch.setattr(native, "auto_skip_reason", lambda cap=None: "the generic path is slower than ONNX Runtime")
+    assert not dm.uses_native_bundle("auto", None) and dm.uses_native_bundle("native", None)
+
+    def unavailable(cap: str | None = None) -> str | None:
+        raise BackendUnavailableError("backend 'native': the encoder module engine._encoder was not built")
+
+    monkeypatch.setattr(native, "auto_skip_reason", unavailable)
+    assert not dm.uses_native_bundle("auto", None)
+    # a GPU backend installed: auto prefers it, and it needs the ONNX bundle
+    monkeypatch.setattr(native, "auto_skip_reason", lambda cap=None: None)
+    monkeypatch.setattr(dm, "_gpu_backend_installed", lambda: True)
+    assert not dm.uses_native_bundle("auto", None) and dm.uses_native_bundle("native", None)
+
+
+def test_engine_answer_with_the_default_model_builds_only_the_native_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine
+    from engine import api
+
+    if not dm.uses_native_bundle("auto", None):
+        pytest.skip("auto does not use the native encoder here (no tuned path, or a GPU backend is installed)")
+    monkeypatch.setenv("SPANRT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(api, "_engines", {})
+    a = engine.answer(*MARIE)
+    assert (a.text, a.backend, a.precision) == ("Warsaw", "native", "int8")
+    built = sorted(p.name for p in (tmp_path / "bundles").iterdir())
+    assert built == [f"{dm.DEFAULT_MODEL_NAME}-{dm.checkpoint_sha256(dm.CHECKPOINT_DIR)[:16]}-native-r{dm.NATIVE_RECIPE}"]
+    qa = engine.pipeline()
+    assert qa(question=MARIE[0], context=MARIE[1])["answer"] == "Warsaw"
+    assert sorted(p.name for p in (tmp_path / "bundles").iterdir()) == built
+    for eng in [*api._engines.values(), qa.engine]:
+        eng.close()
 
 
 def test_missing_export_extras_name_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
