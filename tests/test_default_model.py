@@ -64,7 +64,7 @@ def test_the_native_bundle_holds_the_exported_weights_bit_for_bit(bundle: Path, 
     examples = _fixed_questions(20)
     qs, cs = [e.question for e in examples], [e.context for e in examples]
     with Engine(bundle, backend="native") as e1, Engine(native.root, backend="native") as e2:
-        assert [(r.text, r.score) for r in e1.answer_batch(qs, cs)] == [(r.text, r.score) for r in e2.answer_batch(qs, cs)]
+        assert [(r[0].text, r[0].score) for r in e1.answer_batch(qs, cs)] == [(r[0].text, r[0].score) for r in e2.answer_batch(qs, cs)]
 
 
 def _fixed_questions(n: int = 50) -> list:
