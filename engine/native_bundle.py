@@ -213,6 +213,7 @@ def build_native_bundle(checkpoint: str | Path, out: str | Path, *, max_seq_len:
             "num_layers": layers,
             "hidden_size": hidden,
             "num_heads": heads,
+            "native_encoder": {"written": True},
             "tokenizer": {"path": "tokenizer.json", "sha256": sha256_file(w.path("tokenizer.json")),
                           **{k: v for k, v in tok_info.items() if k not in ("vocab_size", "do_lower_case")}},
             "versions": _versions(),

@@ -53,6 +53,9 @@ class Family:
             raise UnsupportedCheckpointError(f"config.json of this {self.architecture} lacks a usable {e} entry") from None
 
 
+# The export stage's own table (export/onnx.py SUPPORTED: every family it exports to ONNX) agrees
+# with this one on architecture, inputs and position offset for every family here, and marks the
+# others not native (tests/test_native_weights.py checks both ways).
 FAMILIES: dict[str, Family] = {
     "bert": Family("BertForQuestionAnswering", ("input_ids", "attention_mask", "token_type_ids"), 0,
                    "bert.", "encoder.layer.{i}.", _BERT_LAYER, _BERT_KEYS),
@@ -79,8 +82,9 @@ def family_of(config: Mapping[str, Any], where: str = "this checkpoint", *, span
     archs = config.get("architectures") or []
     if model_type not in FAMILIES:
         raise UnsupportedCheckpointError(
-            f"{where}: model_type {model_type!r} ({', '.join(map(str, archs)) or 'no architectures'}) is not supported; "
-            f"supported span models: {supported_list()}")
+            f"{where}: model_type {model_type!r} ({', '.join(map(str, archs)) or 'no architectures'}) is not one the native "
+            f"encoder computes (it computes {supported_list()}); other span models run on ONNX Runtime from the bundle of "
+            "python -m export MODEL_DIR --out BUNDLE")
     fam = FAMILIES[model_type]
     if span_head and fam.architecture not in archs:
         raise UnsupportedCheckpointError(

@@ -60,6 +60,17 @@ def _resave(ckpt: Path, dtype: Any) -> None:
     model.to(dtype).save_pretrained(str(ckpt), safe_serialization=True)
 
 
+def test_the_family_table_agrees_with_the_export_stage() -> None:
+    from export.onnx import SUPPORTED
+
+    for model_type, fam in FAMILIES.items():
+        exp = SUPPORTED[model_type]
+        assert (exp.architecture, exp.input_names, exp.position_offset) == (fam.architecture, fam.input_names, fam.position_offset)
+        assert getattr(exp, "not_native", None) is None, f"export says {model_type} is not native, but the mapping covers it"
+    native_in_export = {t for t, f in SUPPORTED.items() if getattr(f, "not_native", None) is None}
+    assert native_in_export == set(FAMILIES), "a family the export writes native weights for needs its entry in FAMILIES"
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_mapping_from_safetensors_equals_the_torch_path(tmp_path: Path, family: str) -> None:
     ckpt = make_checkpoint(tmp_path / family, family)
@@ -93,7 +104,7 @@ def test_what_the_encoder_does_not_compute_is_refused(tmp_path: Path) -> None:
         native_weights(state, {**config, "hidden_act": "relu"})
     with pytest.raises(UnsupportedCheckpointError, match="absolute position embeddings, not 'relative_key'"):
         native_weights(state, {**config, "position_embedding_type": "relative_key"})
-    with pytest.raises(UnsupportedCheckpointError, match="model_type 'gpt2'.*not supported.*BertForQuestionAnswering"):
+    with pytest.raises(UnsupportedCheckpointError, match="model_type 'gpt2'.*not one the native encoder computes.*BertForQuestionAnswering.*python -m export"):
         native_weights(state, {**config, "model_type": "gpt2"})
     with pytest.raises(UnsupportedCheckpointError, match="expected parameter 'qa_outputs.bias'"):
         native_weights({k: v for k, v in state.items() if k != "qa_outputs.bias"}, config)
