@@ -26,7 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -111,14 +111,8 @@ def default_native_bundle(*, checkpoint: str | Path | None = None, cache: str | 
         return target
     from engine.native_bundle import build_native_bundle
 
-    root.mkdir(parents=True, exist_ok=True)
-    with _exclusive(root / ".build.lock"):
-        if (target / "manifest.json").is_file():  # another process built it while we waited
-            return target
-        if not quiet:
-            print(f"spanrt: building the default model's native bundle (once) into {target} ...", file=sys.stderr, flush=True)
-        build_native_bundle(ckpt, target, accuracy=_measured(ckpt, ("data", "native_int8", "native_fp32", "pytorch_fp32")))
-    return target
+    accuracy = _measured(ckpt, ("data", "native_int8", "native_fp32", "pytorch_fp32"))
+    return _build_once(root, target, "native bundle", quiet, lambda: build_native_bundle(ckpt, target, accuracy=accuracy))
 
 
 def default_bundle(*, checkpoint: str | Path | None = None, cache: str | Path | None = None, quiet: bool = False) -> Path:
@@ -136,13 +130,17 @@ def default_bundle(*, checkpoint: str | Path | None = None, cache: str | Path | 
             f"the default model's ONNX bundle is not built yet and building it needs the export extras "
             f"(missing: {', '.join(missing)}). Install them with: {EXPORT_EXTRA_HINT}"
         )
+    return _build_once(root, target, "bundle", quiet, lambda: _export(ckpt, target, quiet=quiet))
+
+
+def _build_once(root: Path, target: Path, what: str, quiet: bool, build: Callable[[], object]) -> Path:
+    """Build ``target`` under the cache's lock, unless another process built it while we waited."""
     root.mkdir(parents=True, exist_ok=True)
     with _exclusive(root / ".build.lock"):
-        if (target / "manifest.json").is_file():  # another process built it while we waited
-            return target
-        if not quiet:
-            print(f"spanrt: building the default model's bundle (once) into {target} ...", file=sys.stderr, flush=True)
-        _export(ckpt, target, quiet=quiet)
+        if not (target / "manifest.json").is_file():
+            if not quiet:
+                print(f"spanrt: building the default model's {what} (once) into {target} ...", file=sys.stderr, flush=True)
+            build()
     return target
 
 
