@@ -138,19 +138,9 @@ void i8_gemm(const LinearView& L, const void* a, int64_t lda, const float* a_sca
              Epilogue ep, float* out, int64_t ldo) {
   const int16_t* x = static_cast<const int16_t*>(a);
   const int16_t* w = static_cast<const int16_t*>(L.w);
-  for (int64_t r0 = m0; r0 < m1; r0 += 96) {
-    const int64_t r1 = ro_min(m1, r0 + 96);
-    for (int64_t nb = nb0; nb < nb1; ++nb) {
-      const int64_t n0 = nb * kI8Nb;
-      if (n0 >= L.out) break;
-      const int16_t* panel = w + nb * L.k_pad * kI8Nb;
-      for (int64_t m = r0; m < r1; m += kI8Mr) {
-        const int16_t* am = x + m * lda;
-        float* om = out + m * ldo;
-        i8_block(ro_min(kI8Mr, r1 - m), L, am, lda, a_scale + m, panel, n0, ep, om, ldo);
-      }
-    }
-  }
+  ro_drive_gemm(L, m0, m1, nb0, nb1, kI8Nb, kI8Mr, [&](int64_t rows, int64_t m, int64_t nb, int64_t n0) {
+    i8_block(rows, L, x + m * lda, lda, a_scale + m, w + nb * L.k_pad * kI8Nb, n0, ep, out + m * ldo, ldo);
+  });
 }
 
 }  // namespace
@@ -163,16 +153,7 @@ const IsaKernels& avx2_kernels(bool vnni) {
     IsaKernels k{};
     k.isa = Isa::kAvx2;
     k.name = "avx2";
-    GemmKernel& i8 = k.gemm[static_cast<int>(Precision::kInt8)];
-    i8.k_step = avx2::kI8G;
-    i8.n_block = avx2::kI8Nb;
-    i8.m_step = 1;
-    i8.act_u8 = false;
-    i8.act_bytes = 2;
-    i8.packed_bytes = avx2::i8_packed_bytes;
-    i8.pack = avx2::i8_pack;
-    i8.quantize_row = avx2::ro_quantize_s16;
-    i8.gemm = avx2::i8_gemm;
+    k.gemm[static_cast<int>(Precision::kInt8)] = avx2::ro_gemm_kernel(avx2::kI8G, avx2::kI8Nb, 1, false, 2, avx2::i8_packed_bytes, avx2::i8_pack, avx2::ro_quantize_s16, avx2::i8_gemm);
     avx2::fill_f32(k);
     k.linear_desc[static_cast<int>(Precision::kInt8)] = "int8, AVX2 vpmaddwd on int16-widened operands (int32 sums, no saturation)";
     k.linear_desc[static_cast<int>(Precision::kFp32)] = "fp32, AVX2 FMA";

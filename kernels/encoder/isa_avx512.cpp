@@ -175,19 +175,9 @@ void i8_gemm(const LinearView& L, const void* a, int64_t lda, const float* a_sca
              Epilogue ep, float* out, int64_t ldo) {
   const uint8_t* x = static_cast<const uint8_t*>(a);
   const int8_t* w = static_cast<const int8_t*>(L.w);
-  for (int64_t r0 = m0; r0 < m1; r0 += 96) {
-    const int64_t r1 = ro_min(m1, r0 + 96);
-    for (int64_t nb = nb0; nb < nb1; ++nb) {
-      const int64_t n0 = nb * kI8Nb;
-      if (n0 >= L.out) break;
-      const int8_t* panel = w + nb * L.k_pad * kI8Nb;
-      for (int64_t m = r0; m < r1; m += kI8Mr) {
-        const uint8_t* am = x + m * lda;
-        float* om = out + m * ldo;
-        i8_block(ro_min(kI8Mr, r1 - m), L, am, lda, a_scale + m, panel, n0, ep, om, ldo);
-      }
-    }
-  }
+  ro_drive_gemm(L, m0, m1, nb0, nb1, kI8Nb, kI8Mr, [&](int64_t rows, int64_t m, int64_t nb, int64_t n0) {
+    i8_block(rows, L, x + m * lda, lda, a_scale + m, w + nb * L.k_pad * kI8Nb, n0, ep, out + m * ldo, ldo);
+  });
 }
 
 }  // namespace
@@ -200,16 +190,7 @@ const IsaKernels& avx512_kernels(bool bf16) {
     IsaKernels k{};
     k.isa = Isa::kAvx512Vnni;
     k.name = "avx512_vnni";
-    GemmKernel& i8 = k.gemm[static_cast<int>(Precision::kInt8)];
-    i8.k_step = avx512::kI8G;
-    i8.n_block = avx512::kI8Nb;
-    i8.m_step = 1;
-    i8.act_u8 = true;
-    i8.act_bytes = 1;
-    i8.packed_bytes = avx512::i8_packed_bytes;
-    i8.pack = avx512::i8_pack;
-    i8.quantize_row = avx512::i8_quantize_row;
-    i8.gemm = avx512::i8_gemm;
+    k.gemm[static_cast<int>(Precision::kInt8)] = avx512::ro_gemm_kernel(avx512::kI8G, avx512::kI8Nb, 1, true, 1, avx512::i8_packed_bytes, avx512::i8_pack, avx512::i8_quantize_row, avx512::i8_gemm);
     avx512::fill_f32(k);
     k.linear_desc[static_cast<int>(Precision::kInt8)] = "int8, AVX-512 VNNI vpdpbusd (u8 + 128 compensation, int32 sums)";
     k.linear_desc[static_cast<int>(Precision::kFp32)] = "fp32, AVX-512 FMA";

@@ -93,19 +93,9 @@ void gemm(const LinearView& L, const void* a, int64_t lda, const float*, int64_t
           float* out, int64_t ldo) {
   const uint16_t* x = static_cast<const uint16_t*>(a);
   const uint16_t* w = static_cast<const uint16_t*>(L.w);
-  for (int64_t r0 = m0; r0 < m1; r0 += 96) {
-    const int64_t r1 = ro_min(m1, r0 + 96);
-    for (int64_t nb = nb0; nb < nb1; ++nb) {
-      const int64_t n0 = nb * kNb;
-      if (n0 >= L.out) break;
-      const uint16_t* panel = w + nb * L.k_pad * kNb;
-      for (int64_t m = r0; m < r1; m += kMr) {
-        const uint16_t* am = x + m * lda;
-        float* om = out + m * ldo;
-        block(ro_min(kMr, r1 - m), L, am, lda, panel, n0, ep, om, ldo);
-      }
-    }
-  }
+  ro_drive_gemm(L, m0, m1, nb0, nb1, kNb, kMr, [&](int64_t rows, int64_t m, int64_t nb, int64_t n0) {
+    block(rows, L, x + m * lda, lda, w + nb * L.k_pad * kNb, n0, ep, out + m * ldo, ldo);
+  });
 }
 
 // ---- attention: bf16 products, fp32 softmax -------------------------------------------------------
@@ -237,16 +227,7 @@ void avx512_bf16_fill(IsaKernels& k) {
   k.attention_scratch_bytes = avx512_bf16::attention_scratch_any;
   k.attention = avx512_bf16::attention_any;
   k.attention_desc[static_cast<int>(Precision::kInt8)] = "bf16 vdpbf16ps products, fp32 softmax";
-  GemmKernel& g = k.gemm[static_cast<int>(Precision::kBf16)];
-  g.k_step = avx512_bf16::kG;
-  g.n_block = avx512_bf16::kNb;
-  g.m_step = 1;
-  g.act_u8 = false;
-  g.act_bytes = 2;
-  g.packed_bytes = avx512_bf16::packed_bytes;
-  g.pack = avx512_bf16::pack;
-  g.quantize_row = avx512_bf16::ro_quantize_bf16;
-  g.gemm = avx512_bf16::gemm;
+  k.gemm[static_cast<int>(Precision::kBf16)] = avx512_bf16::ro_gemm_kernel(avx512_bf16::kG, avx512_bf16::kNb, 1, false, 2, avx512_bf16::packed_bytes, avx512_bf16::pack, avx512_bf16::ro_quantize_bf16, avx512_bf16::gemm);
   k.linear_desc[static_cast<int>(Precision::kBf16)] = "bf16, AVX-512 BF16 vdpbf16ps (fp32 sums)";
   k.attention_desc[static_cast<int>(Precision::kBf16)] = "bf16 vdpbf16ps products, fp32 softmax";
 }

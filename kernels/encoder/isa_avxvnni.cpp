@@ -88,35 +88,16 @@ void gemm(const LinearView& L, const void* a, int64_t lda, const float* a_scale,
           Epilogue ep, float* out, int64_t ldo) {
   const uint8_t* x = static_cast<const uint8_t*>(a);
   const int8_t* w = static_cast<const int8_t*>(L.w);
-  for (int64_t r0 = m0; r0 < m1; r0 += 96) {
-    const int64_t r1 = ro_min(m1, r0 + 96);
-    for (int64_t nb = nb0; nb < nb1; ++nb) {
-      const int64_t n0 = nb * kNb;
-      if (n0 >= L.out) break;
-      const int8_t* panel = w + nb * L.k_pad * kNb;
-      for (int64_t m = r0; m < r1; m += kMr) {
-        const uint8_t* am = x + m * lda;
-        float* om = out + m * ldo;
-        block(ro_min(kMr, r1 - m), L, am, lda, a_scale + m, panel, n0, ep, om, ldo);
-      }
-    }
-  }
+  ro_drive_gemm(L, m0, m1, nb0, nb1, kNb, kMr, [&](int64_t rows, int64_t m, int64_t nb, int64_t n0) {
+    block(rows, L, x + m * lda, lda, a_scale + m, w + nb * L.k_pad * kNb, n0, ep, out + m * ldo, ldo);
+  });
 }
 
 }  // namespace
 }  // namespace avxvnni
 
 void avxvnni_fill(IsaKernels& k) {
-  GemmKernel& g = k.gemm[static_cast<int>(Precision::kInt8)];
-  g.k_step = avxvnni::kG;
-  g.n_block = avxvnni::kNb;
-  g.m_step = 1;
-  g.act_u8 = true;
-  g.act_bytes = 1;
-  g.packed_bytes = avxvnni::packed_bytes;
-  g.pack = avxvnni::pack;
-  g.quantize_row = avxvnni::ro_quantize_u8;
-  g.gemm = avxvnni::gemm;
+  k.gemm[static_cast<int>(Precision::kInt8)] = avxvnni::ro_gemm_kernel(avxvnni::kG, avxvnni::kNb, 1, true, 1, avxvnni::packed_bytes, avxvnni::pack, avxvnni::ro_quantize_u8, avxvnni::gemm);
   k.linear_desc[static_cast<int>(Precision::kInt8)] = "int8, AVX-VNNI vpdpbusd ymm (u8 + 128 compensation, int32 sums)";
 }
 

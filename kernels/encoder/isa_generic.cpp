@@ -46,22 +46,18 @@ static void i8_gemm(const LinearView& L, const void* a, int64_t lda, const float
   const int8_t* x = static_cast<const int8_t*>(a);
   const int8_t* w = static_cast<const int8_t*>(L.w);
   const int64_t groups = L.k_pad / kI8G;
-  for (int64_t nb = nb0; nb < nb1; ++nb) {
-    const int64_t n0 = nb * kI8Nb;
-    if (n0 >= L.out) break;
+  ro_drive_gemm(L, m0, m1, nb0, nb1, kI8Nb, 1, [&](int64_t, int64_t m, int64_t nb, int64_t n0) {
     const int64_t ncols = ro_min(kI8Nb, L.out - n0);
     const int8_t* panel = w + nb * groups * kI8Nb * kI8G;
-    for (int64_t m = m0; m < m1; ++m) {
-      int32_t acc[kI8Nb] = {0};
-      const int8_t* xr = x + m * lda;
-      for (int64_t g = 0; g < groups; ++g)
-        for (int64_t c = 0; c < kI8Nb; ++c)
-          for (int64_t e = 0; e < kI8G; ++e) acc[c] += int32_t{xr[g * kI8G + e]} * int32_t{panel[(g * kI8Nb + c) * kI8G + e]};
-      float* o = out + m * ldo + n0;
-      for (int64_t c = 0; c < ncols; ++c) o[c] = static_cast<float>(acc[c]) * (L.scale[n0 + c] * a_scale[m]) + L.bias[n0 + c];
-      if (ep == Epilogue::kBiasGelu) ro_gelu_inplace(o, ncols);
-    }
-  }
+    int32_t acc[kI8Nb] = {0};
+    const int8_t* xr = x + m * lda;
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t c = 0; c < kI8Nb; ++c)
+        for (int64_t e = 0; e < kI8G; ++e) acc[c] += int32_t{xr[g * kI8G + e]} * int32_t{panel[(g * kI8Nb + c) * kI8G + e]};
+    float* o = out + m * ldo + n0;
+    for (int64_t c = 0; c < ncols; ++c) o[c] = static_cast<float>(acc[c]) * (L.scale[n0 + c] * a_scale[m]) + L.bias[n0 + c];
+    if (ep == Epilogue::kBiasGelu) ro_gelu_inplace(o, ncols);
+  });
 }
 
 }  // namespace generic
@@ -71,16 +67,7 @@ const IsaKernels& generic_kernels() {
     IsaKernels k{};
     k.isa = Isa::kGeneric;
     k.name = "generic";
-    GemmKernel& i8 = k.gemm[static_cast<int>(Precision::kInt8)];
-    i8.k_step = generic::kI8G;
-    i8.n_block = generic::kI8Nb;
-    i8.m_step = 1;
-    i8.act_u8 = false;
-    i8.act_bytes = 1;
-    i8.packed_bytes = generic::i8_packed_bytes;
-    i8.pack = generic::i8_pack;
-    i8.quantize_row = generic::ro_quantize_s8;
-    i8.gemm = generic::i8_gemm;
+    k.gemm[static_cast<int>(Precision::kInt8)] = generic::ro_gemm_kernel(generic::kI8G, generic::kI8Nb, 1, false, 1, generic::i8_packed_bytes, generic::i8_pack, generic::ro_quantize_s8, generic::i8_gemm);
     generic::fill_f32(k);
     k.linear_desc[static_cast<int>(Precision::kInt8)] = "int8, portable C++ (int32 sums)";
     k.linear_desc[static_cast<int>(Precision::kFp32)] = "fp32, portable C++";

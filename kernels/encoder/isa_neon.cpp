@@ -113,26 +113,19 @@ void i8_gemm(const LinearView& L, const void* a, int64_t lda, const float* a_sca
              Epilogue ep, float* out, int64_t ldo) {
   const int8_t* x = static_cast<const int8_t*>(a);
   const int8_t* w = static_cast<const int8_t*>(L.w);
-  for (int64_t r0 = m0; r0 < m1; r0 += 96) {
-    const int64_t r1 = ro_min(m1, r0 + 96);
-    for (int64_t nb = nb0; nb < nb1; ++nb) {
-      const int64_t n0 = nb * kI8Nb;
-      if (n0 >= L.out) break;
-      const int8_t* panel = w + nb * L.k_pad * kI8Nb;
-      for (int64_t m = r0; m < r1; m += kI8Mr) {
-        const int8_t* am = x + m * lda;
-        float* om = out + m * ldo;
-        switch (ro_min(kI8Mr, r1 - m)) {
-          case 6: i8_block_t<6>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
-          case 5: i8_block_t<5>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
-          case 4: i8_block_t<4>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
-          case 3: i8_block_t<3>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
-          case 2: i8_block_t<2>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
-          default: i8_block_t<1>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
-        }
-      }
+  ro_drive_gemm(L, m0, m1, nb0, nb1, kI8Nb, kI8Mr, [&](int64_t rows, int64_t m, int64_t nb, int64_t n0) {
+    const int8_t* am = x + m * lda;
+    const int8_t* panel = w + nb * L.k_pad * kI8Nb;
+    float* om = out + m * ldo;
+    switch (rows) {
+      case 6: i8_block_t<6>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
+      case 5: i8_block_t<5>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
+      case 4: i8_block_t<4>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
+      case 3: i8_block_t<3>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
+      case 2: i8_block_t<2>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
+      default: i8_block_t<1>(L, am, lda, a_scale + m, panel, n0, ep, om, ldo); break;
     }
-  }
+  });
 }
 
 }  // namespace
@@ -143,16 +136,7 @@ const IsaKernels& neon_kernels(bool /*i8mm: not used yet*/) {
     IsaKernels k{};
     k.isa = Isa::kNeon;
     k.name = "neon";
-    GemmKernel& i8 = k.gemm[static_cast<int>(Precision::kInt8)];
-    i8.k_step = neon::kI8G;
-    i8.n_block = neon::kI8Nb;
-    i8.m_step = 1;
-    i8.act_u8 = false;
-    i8.act_bytes = 1;
-    i8.packed_bytes = neon::i8_packed_bytes;
-    i8.pack = neon::i8_pack;
-    i8.quantize_row = neon::ro_quantize_s8;
-    i8.gemm = neon::i8_gemm;
+    k.gemm[static_cast<int>(Precision::kInt8)] = neon::ro_gemm_kernel(neon::kI8G, neon::kI8Nb, 1, false, 1, neon::i8_packed_bytes, neon::i8_pack, neon::ro_quantize_s8, neon::i8_gemm);
     neon::fill_f32(k);
     k.linear_desc[static_cast<int>(Precision::kInt8)] = "int8, NEON sdot (s8 x s8, int32 sums)";
     k.linear_desc[static_cast<int>(Precision::kFp32)] = "fp32, NEON FMA";

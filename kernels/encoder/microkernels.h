@@ -7,6 +7,11 @@
 // own and uses no inline function shared with other files, so that no AVX-512 copy of a shared
 // inline function can be picked by the linker for the baseline code.
 //
+// The ISA files look alike on purpose (`duplicates` pairs them by shape): each writes the same block
+// structure (named accumulators, epilogue, tail rows) in its own instruction set's intrinsics; what
+// is not ISA-specific (the GEMM's loop over rows and column blocks, table entries, packing, row
+// math) is written once in rowops.inc / f32ops.inc and included into each file's namespace.
+//
 // Numerics shared by every path (so that paths agree with each other):
 //   int8: weights quantized once, symmetric, one scale per output channel (encoder.cpp does it,
 //         the same for every ISA); activations quantized per token (row), symmetric, scale
