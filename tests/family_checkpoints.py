@@ -2,7 +2,8 @@
 
 Nothing is downloaded. Each family gets a model built from its transformers config (hidden 32,
 2-3 layers) and a tokenizer of the kind its real checkpoints ship, trained with the `tokenizers`
-library on SQuAD train contexts plus a few paragraphs in other scripts:
+library on SQuAD train contexts plus a few paragraphs in other scripts (the Unigram ones are
+trained once and shipped in tests/data/tokenizers/: their trainer is not deterministic):
 
 - SentencePiece-style Unigram with Metaspace (XLM-RoBERTa, CamemBERT, ALBERT, DeBERTa-v3), with
   the normalizers and pair templates transformers' converters (convert_slow_tokenizer.py, 4.57)
@@ -108,6 +109,25 @@ def _unigram(style: str, specials: list[str], vocab_size: int = 1500) -> Any:
     return tok
 
 
+UNIGRAM_SPECIALS = {
+    "xlm-roberta": ["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+    "camembert": ["<s>NOTUSED", "<pad>", "</s>NOTUSED", "<unk>", "<s>", "</s>", "<mask>"],  # camembert-base's first ids
+    "albert": ["<pad>", "<unk>", "[CLS]", "[SEP]", "[MASK]"],
+    "deberta-v2": ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"],
+}
+# The Unigram trainer is not deterministic (its piece scores vary from run to run, and with
+# them the models' answers), so the tokenizers it made are shipped: tests/data/tokenizers/.
+SHIPPED_TOKENIZERS = Path(__file__).resolve().parent / "data" / "tokenizers"
+
+
+def unigram_tokenizer(family: str) -> Any:
+    """``family``'s shipped Unigram tokenizer (made by ``_unigram``; ``python tests/family_checkpoints.py``
+    writes them again)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(SHIPPED_TOKENIZERS / f"{family}.json"))
+
+
 def _byte_level_bpe(specials: list[str], vocab_size: int = 1500) -> Any:
     """A byte-level BPE (GPT-2/OLMo style, offsets not trimmed) with a [CLS]/[SEP] pair template."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -136,17 +156,14 @@ def save_tokenizer(family: str, dst: Path) -> Any:
         tok = tf.MPNetTokenizerFast(vocab_file=str(vocab))  # transformers' own converter builds the fast tokenizer
         vocab.unlink()
     elif family in ("xlm-roberta", "camembert"):
-        specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-        if family == "camembert":  # camembert-base's first ids
-            specials = ["<s>NOTUSED", "<pad>", "</s>NOTUSED", "<unk>", "<s>", "</s>", "<mask>"]
         cls = tf.XLMRobertaTokenizerFast if family == "xlm-roberta" else tf.CamembertTokenizerFast
-        tok = cls(tokenizer_object=_unigram(family, specials), bos_token="<s>", eos_token="</s>", sep_token="</s>",
+        tok = cls(tokenizer_object=unigram_tokenizer(family), bos_token="<s>", eos_token="</s>", sep_token="</s>",
                   cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
     elif family in ("albert", "deberta-v2"):
-        specials = ["<pad>", "<unk>", "[CLS]", "[SEP]", "[MASK]"] if family == "albert" else ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
+        specials = UNIGRAM_SPECIALS[family]
         cls = tf.AlbertTokenizerFast if family == "albert" else tf.DebertaV2TokenizerFast
         pad, unk = specials[0], next(s for s in specials if "unk" in s.lower())
-        tok = cls(tokenizer_object=_unigram(family, specials), cls_token="[CLS]", sep_token="[SEP]", pad_token=pad,
+        tok = cls(tokenizer_object=unigram_tokenizer(family), cls_token="[CLS]", sep_token="[SEP]", pad_token=pad,
                   unk_token=unk, mask_token="[MASK]", bos_token="[CLS]", eos_token="[SEP]")
     elif family == "modernbert":
         specials = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]", "<|padding|>"]
@@ -205,3 +222,9 @@ def _model(family: str, tok: Any) -> Any:
     else:
         raise ValueError(f"no tiny checkpoint for {family!r}")
     return model
+
+
+if __name__ == "__main__":  # write the shipped Unigram tokenizers again
+    SHIPPED_TOKENIZERS.mkdir(parents=True, exist_ok=True)
+    for name, specials in UNIGRAM_SPECIALS.items():
+        _unigram(name, specials).save(str(SHIPPED_TOKENIZERS / f"{name}.json"), pretty=False)

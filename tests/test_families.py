@@ -36,6 +36,7 @@ from export.squad_data import load_squad  # noqa: E402
 DEV = Path(__file__).resolve().parents[1] / "bench" / "data" / "squad" / "dev-v1.1.json.gz"
 SEQ = 384
 SQUAD_PAIRS = 45  # + len(EDGE_CASES) = 57 pairs per family
+TIE = 1e-4  # relative: answers the pipeline scores this close are a tie it cannot order
 
 
 class Family:
@@ -126,13 +127,33 @@ def _as_spanrt(answers: list[dict[str, Any]], context: str) -> list[dict[str, An
 def test_fp32_answers_equal_the_pipeline(fam: Family) -> None:
     f, family = fam, fam.name
     assert len(f.pairs) >= 50
+    compared = ties = 0
     with Engine(f.bundle, backend="onnxruntime", precision="fp32", threads=1) as eng:
         for align in (True, False):
             for q, c in f.pairs:
-                want = _as_spanrt(f.hf(q, c, top_k=3, max_answer_len=30, align_to_words=align), c)
-                got = [a.to_dict() for a in eng.answer(q, c, top_k=3, max_answer_len=30, align_to_words=align, max_seq_len=SEQ)]
-                assert _spans(got[: len(want)]) == _spans(want), (family, align, q, c)
-                assert [d["score"] for d in got[: len(want)]] == pytest.approx([d["score"] for d in want], rel=2e-3, abs=1e-6)
+                kw: dict[str, Any] = {"max_answer_len": 30, "align_to_words": align}
+                want = _as_spanrt(f.hf(q, c, top_k=3, **kw), c)
+                got = [a.to_dict() for a in eng.answer(q, c, top_k=3, max_seq_len=SEQ, **kw)]
+                assert len(got) >= len(want)
+                deeper: dict[tuple[str, int, int], float] | None = None
+                for g, w in zip(got, want):
+                    compared += 1
+                    if align:
+                        # spans that snap to the same words add up; SpanRT looks further down the
+                        # candidates for them than the pipeline's top_k (engine.api), never less
+                        assert g["score"] >= w["score"] * (1 - 2e-3), (family, q, c, g, w)
+                    else:
+                        assert g["score"] == pytest.approx(w["score"], rel=2e-3, abs=1e-6), (family, q, c, g, w)
+                    if _spans([g]) == _spans([w]):
+                        continue
+                    # Another answer only where the pipeline scores it the same (a tie it cannot
+                    # order: DeBERTa's relative positions give repeated words near-equal logits).
+                    if deeper is None:
+                        deeper = {_spans([d])[0]: d["score"] for d in _as_spanrt(f.hf(q, c, top_k=8, **kw), c)}
+                    (key,) = _spans([g])
+                    assert key in deeper and deeper[key] == pytest.approx(w["score"], rel=TIE), (family, align, q, c, g, w)
+                    ties += 1
+    assert ties <= compared // 50, f"{ties} ties in {compared} answers"
 
 
 def test_pipeline_defaults_and_the_null_answer(fam: Family) -> None:
