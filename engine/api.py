@@ -198,7 +198,7 @@ class Engine:
     longer context is a ``RequestTooLargeError`` raised after tokenization, before any model work
     (a service's bound on the work one request may cause).
     ``cpu_isa``: the highest instruction-set path the native encoder may use ("amx", "avx512_bf16",
-    "avx512_vnni", "avx2_vnni", "avx2", "neon", "generic"; None: $SPANRT_CPU_ISA, else the best
+    "avx512_vnni", "avx2_vnni", "avx2", "neon_i8mm", "neon", "generic"; None: $SPANRT_CPU_ISA, else the best
     this CPU runs).
     One Engine is safe to share between threads; ``close()`` (or ``with``) frees it.
     """

@@ -33,7 +33,7 @@ KNOWN_ISAS, RUNNABLE_ISAS, MISSING = _paths()
 needs_encoder = pytest.mark.skipif(bool(MISSING), reason=MISSING or "ok")
 BEST = RUNNABLE_ISAS[0] if RUNNABLE_ISAS else "generic"
 # every path of the build x precision: run where this CPU can, skipped by name elsewhere
-PATH_PRECISIONS = [(isa, p) for isa in ["amx", "avx512_bf16", "avx512_vnni", "avx2_vnni", "avx2", "neon", "generic"] for p in ("int8", "bf16", "fp32")]
+PATH_PRECISIONS = [(isa, p) for isa in ["amx", "avx512_bf16", "avx512_vnni", "avx2_vnni", "avx2", "neon_i8mm", "neon", "generic"] for p in ("int8", "bf16", "fp32")]
 
 
 def _skip_unless_runs(isa: str, precision: str) -> None:

@@ -102,7 +102,7 @@ def _native_paths() -> list[str]:
     return list(_encoder.runnable_isas())
 
 
-@pytest.mark.parametrize("isa", ["amx", "avx512_bf16", "avx512_vnni", "avx2_vnni", "avx2", "neon", "generic"])
+@pytest.mark.parametrize("isa", ["amx", "avx512_bf16", "avx512_vnni", "avx2_vnni", "avx2", "neon_i8mm", "neon", "generic"])
 def test_native_int8_agrees_with_fp32_and_ignores_its_batch(default_bundle: Path, dev: list[SquadExample], isa: str) -> None:
     """Every path this CPU runs, on the real default model: native int8 gives ONNX Runtime fp32's
     answers (>= 95 %) and F1 within 1 point, and a question alone gets its batched answer bit for bit."""

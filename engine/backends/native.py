@@ -9,8 +9,8 @@ the chosen instruction-set path when the backend opens.
 The path is chosen at run time from what the CPU reports, best first: ``amx`` (Intel Xeon Sapphire
 Rapids and newer), ``avx512_bf16`` (AVX-512 VNNI + BF16: AMD Zen 4/5, Intel Cooper Lake),
 ``avx512_vnni`` (Intel Cascade Lake, Ice Lake), ``avx2_vnni`` (AVX-VNNI: Intel Alder Lake and later
-client chips, AMD Zen 5), ``avx2`` (Intel Haswell and newer, AMD Zen 1-3), ``neon`` (AArch64 with
-sdot) or ``generic`` C++. A cap, as oneDNN's ONEDNN_MAX_CPU_ISA: the ``cpu_isa`` option or the
+client chips, AMD Zen 5), ``avx2`` (Intel Haswell and newer, AMD Zen 1-3), ``neon_i8mm`` (AArch64
+with smmla: Graviton 3/4), ``neon`` (AArch64 with sdot: Graviton 2, Jetson Orin) or ``generic`` C++. A cap, as oneDNN's ONEDNN_MAX_CPU_ISA: the ``cpu_isa`` option or the
 environment variable ``SPANRT_CPU_ISA`` names the highest path to use (tests run every lower path on
 one machine).
 
@@ -48,7 +48,7 @@ ISA_ENV = "SPANRT_CPU_ISA"
 # Paths "auto" uses: measured faster than ONNX Runtime's CPU provider at the same precision
 # (README, "The native encoder on every CPU"). The generic C++ path is correct, not tuned: "auto"
 # leaves it to ONNX Runtime, and backend="native" still runs it.
-AUTO_ISAS = ("amx", "avx512_bf16", "avx512_vnni", "avx2_vnni", "avx2", "neon")
+AUTO_ISAS = ("amx", "avx512_bf16", "avx512_vnni", "avx2_vnni", "avx2", "neon_i8mm", "neon")
 CONFIG_KEYS = ("vocab_size", "max_positions", "type_vocab_size", "embedding_size", "hidden_size", "num_layers", "num_heads",
                "intermediate_size", "position_offset", "layer_norm_eps")
 BUILD_HINT = ("reinstall spanrt with a C++17 compiler that knows this CPU's instruction sets (x86-64: GCC 11+ or Clang 12+; "

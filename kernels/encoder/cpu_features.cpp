@@ -109,12 +109,13 @@ const char* isa_name(Isa isa) {
     case Isa::kAvx2Vnni: return "avx2_vnni";
     case Isa::kAvx2: return "avx2";
     case Isa::kNeon: return "neon";
+    case Isa::kNeonI8mm: return "neon_i8mm";
     default: return "generic";
   }
 }
 
 bool parse_isa(const std::string& name, Isa* isa) {
-  for (Isa i : {Isa::kAmx, Isa::kAvx512Bf16, Isa::kAvx512Vnni, Isa::kAvx2Vnni, Isa::kAvx2, Isa::kNeon, Isa::kGeneric}) {
+  for (Isa i : {Isa::kAmx, Isa::kAvx512Bf16, Isa::kAvx512Vnni, Isa::kAvx2Vnni, Isa::kAvx2, Isa::kNeonI8mm, Isa::kNeon, Isa::kGeneric}) {
     if (name == isa_name(i)) {
       *isa = i;
       return true;
@@ -127,7 +128,7 @@ std::vector<Isa> known_isas() {
 #if defined(__x86_64__) || defined(_M_X64)
   return {Isa::kAmx, Isa::kAvx512Bf16, Isa::kAvx512Vnni, Isa::kAvx2Vnni, Isa::kAvx2, Isa::kGeneric};
 #elif defined(__aarch64__)
-  return {Isa::kNeon, Isa::kGeneric};
+  return {Isa::kNeonI8mm, Isa::kNeon, Isa::kGeneric};
 #else
   return {Isa::kGeneric};
 #endif
@@ -145,9 +146,12 @@ std::string isa_unavailable_reason(Isa isa) {
       return f.avx512_vnni ? "" : "this CPU (or its OS) lacks AVX-512 F/BW/DQ/VL with VNNI (Intel Cascade Lake or newer, AMD Zen 4 or newer)";
     case Isa::kAvx2Vnni: return f.avx_vnni ? "" : "this CPU (or its OS) lacks AVX-VNNI (Intel Alder Lake or newer client chips, AMD Zen 5)";
     case Isa::kAvx2: return f.avx2 ? "" : "this CPU (or its OS) lacks AVX2 with FMA and F16C";
-    case Isa::kNeon: return "the neon path is built for AArch64 CPUs only (this is x86-64)";
+    case Isa::kNeon:
+    case Isa::kNeonI8mm: return std::string("the ") + isa_name(isa) + " path is built for AArch64 CPUs only (this is x86-64)";
     default: return "unknown path";
 #elif defined(__aarch64__)
+    case Isa::kNeonI8mm:
+      return f.neon_dot && f.neon_i8mm ? "" : "this CPU lacks the int8 matrix-multiply instructions (FEAT_I8MM: smmla) with FEAT_DotProd";
     case Isa::kNeon: return f.neon_dot ? "" : "this CPU lacks the NEON dot-product instructions (FEAT_DotProd: sdot/udot)";
     default: return std::string("the ") + isa_name(isa) + " path is built for x86-64 CPUs only (this is AArch64)";
 #else
@@ -174,7 +178,8 @@ const IsaKernels& kernels_for(Isa isa) {
     case Isa::kAvx2: return avx2_kernels(false);
 #endif
 #if defined(__aarch64__)
-    case Isa::kNeon: return neon_kernels(f.neon_i8mm);
+    case Isa::kNeonI8mm: return neon_kernels(true);
+    case Isa::kNeon: return neon_kernels(false);
 #endif
     default: (void)f; return generic_kernels();
   }

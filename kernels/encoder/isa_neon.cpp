@@ -4,8 +4,8 @@
 //
 // int8: sdot multiplies signed by signed bytes, so activations stay s8 (no compensation) and each
 // instruction adds four 4-byte dot products into four int32 lanes. Register block 6 rows x 16
-// columns (24 accumulators of 32), weights in panels of 16 columns x 4 k per lane. i8mm (smmla) is
-// not used yet: the table is the same with or without it.
+// columns (24 accumulators of 32), weights in panels of 16 columns x 4 k per lane. On CPUs with
+// FEAT_I8MM the "neon_i8mm" path replaces the int8 GEMM with smmla (isa_neon_i8mm.cpp).
 #include <arm_neon.h>
 
 #include <cmath>
@@ -131,12 +131,15 @@ void i8_gemm(const LinearView& L, const void* a, int64_t lda, const float* a_sca
 }  // namespace
 }  // namespace neon
 
-const IsaKernels& neon_kernels(bool /*i8mm: not used yet*/) {
-  static const IsaKernels kernels = [] {
+void neon_i8mm_fill(IsaKernels& k);  // isa_neon_i8mm.cpp
+
+const IsaKernels& neon_kernels(bool i8mm) {
+  static const IsaKernels base = [] {
     IsaKernels k{};
     k.isa = Isa::kNeon;
     k.name = "neon";
-    k.gemm[static_cast<int>(Precision::kInt8)] = neon::ro_gemm_kernel(neon::kI8G, neon::kI8Nb, 1, false, 1, neon::i8_packed_bytes, neon::i8_pack, neon::ro_quantize_s8, neon::i8_gemm);
+    k.gemm[static_cast<int>(Precision::kInt8)] = neon::ro_gemm_kernel(neon::kI8G, neon::kI8Nb, 1, false, 1, neon::i8_packed_bytes, neon::i8_pack,
+                                                                    neon::ro_quantize_s8, neon::i8_gemm);
     neon::fill_f32(k);
     k.linear_desc[static_cast<int>(Precision::kInt8)] = "int8, NEON sdot (s8 x s8, int32 sums)";
     k.linear_desc[static_cast<int>(Precision::kFp32)] = "fp32, NEON FMA";
@@ -144,7 +147,14 @@ const IsaKernels& neon_kernels(bool /*i8mm: not used yet*/) {
     k.attention_desc[static_cast<int>(Precision::kFp32)] = "fp32, exact softmax";
     return k;
   }();
-  return kernels;
+  static const IsaKernels with_i8mm = [] {
+    IsaKernels k = base;
+    k.isa = Isa::kNeonI8mm;
+    k.name = "neon_i8mm";
+    neon_i8mm_fill(k);
+    return k;
+  }();
+  return i8mm ? with_i8mm : base;
 }
 
 }  // namespace encoder

@@ -29,7 +29,7 @@ namespace spanrt {
 namespace encoder {
 
 // The paths, as oneDNN names its ISAs: each one is a cap that also runs on every CPU above it.
-enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx2Vnni = 2, kAvx512Vnni = 3, kAvx512Bf16 = 4, kAmx = 5, kNeon = 6 };
+enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx2Vnni = 2, kAvx512Vnni = 3, kAvx512Bf16 = 4, kAmx = 5, kNeon = 6, kNeonI8mm = 7 };
 enum class Precision : int { kInt8 = 0, kBf16 = 1, kFp32 = 2 };
 enum class Epilogue : int { kBias = 0, kBiasGelu = 1 };
 
@@ -106,7 +106,7 @@ const IsaKernels& avx512_kernels(bool bf16);        // "avx512_vnni"; "avx512_bf
 const IsaKernels& amx_kernels();                    // AMX-INT8/BF16 tiles + AVX-512 BF16
 #endif
 #if defined(__aarch64__)
-const IsaKernels& neon_kernels(bool i8mm);          // NEON + sdot
+const IsaKernels& neon_kernels(bool i8mm);          // "neon": int8 by sdot; "neon_i8mm": by smmla
 #endif
 
 }  // namespace encoder

@@ -2,8 +2,9 @@
 # The native encoder's AArch64 paths, built with Debian's cross compiler and run under qemu-user:
 # kernels/tests/encoder_check.cpp (tiny random weights against a double-precision reference, every
 # path the emulated CPU runs, bit-for-bit batch/padding/thread invariance) and the decoder's check.
-#   - qemu's default CPU ("max": FEAT_DotProd, FEAT_I8MM): the neon path and the generic one;
-#   - -cpu cortex-a53 (ARMv8.0, no dot product): only the generic path, chosen at run time.
+#   - qemu's default CPU ("max": FEAT_DotProd, FEAT_I8MM): neon_i8mm, neon and generic;
+#   - -cpu neoverse-n1 (dot product, no i8mm): neon and generic, chosen at run time;
+#   - -cpu cortex-a53 (ARMv8.0, no dot product): only the generic path.
 # Needs g++-aarch64-linux-gnu and qemu-user (apt); Python is not involved.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -19,7 +20,11 @@ run() { qemu-aarch64 -L /usr/aarch64-linux-gnu "$@"; }
 echo "-- qemu-aarch64 (cpu max: dotprod, i8mm)"
 out=$(run "$build/encoder_check")
 echo "$out"
-grep -q "paths here: neon generic" <<<"$out" || { echo "expected the neon and generic paths on qemu's max CPU"; exit 1; }
+grep -q "paths here: neon_i8mm neon generic" <<<"$out" || { echo "expected the neon_i8mm, neon and generic paths on qemu's max CPU"; exit 1; }
+echo "-- qemu-aarch64 -cpu neoverse-n1 (dot product, no i8mm)"
+out=$(run -cpu neoverse-n1 "$build/encoder_check")
+echo "$out"
+grep -q "paths here: neon generic$" <<<"$out" || { echo "expected the neon and generic paths on a Neoverse N1"; exit 1; }
 echo "-- qemu-aarch64 -cpu cortex-a53 (no dot product)"
 out=$(run -cpu cortex-a53 "$build/encoder_check")
 echo "$out"
