@@ -52,7 +52,7 @@ AUTO_ISAS = ("amx", "avx512_bf16", "avx512_vnni", "avx2_vnni", "avx2", "neon_i8m
 CONFIG_KEYS = ("vocab_size", "max_positions", "type_vocab_size", "embedding_size", "hidden_size", "num_layers", "num_heads",
                "intermediate_size", "position_offset", "layer_norm_eps")
 BUILD_HINT = ("reinstall spanrt with a C++17 compiler that knows this CPU's instruction sets (x86-64: GCC 11+ or Clang 12+; "
-              "AArch64: -march=armv8.2-a+dotprod); SPANRT_ENCODER=ON makes the build fail loudly instead of leaving it out")
+              "AArch64: -march=armv8.2-a+dotprod+i8mm, GCC 10+); SPANRT_ENCODER=ON makes the build fail loudly instead of leaving it out")
 
 
 def import_encoder() -> Any:
