@@ -1,8 +1,9 @@
 """The native encoder's weights: a checkpoint's tensors under one naming for every family.
 
 The ``native`` backend (engine/backends/native.py, kernels/encoder/) runs a post-LayerNorm
-BERT-shaped encoder; BERT (MiniLM, SpanBERT), RoBERTa, ELECTRA and DistilBERT span checkpoints all
-are one, under different parameter names. :data:`FAMILIES` says, once per family, where each
+BERT-shaped encoder; BERT (MiniLM, SpanBERT), RoBERTa, ELECTRA, DistilBERT, XLM-RoBERTa, CamemBERT
+and ALBERT (one layer's weights shared by all layers) span checkpoints all are one, under
+different parameter names. :data:`FAMILIES` says, once per family, where each
 tensor lives in a Hugging Face checkpoint; :func:`native_weights` renames them (names in
 kernels/include/spanrt/encoder.h), concatenates query/key/value into one matrix and returns
 float32 arrays plus the encoder config the manifest records. NumPy only: the export stage feeds
@@ -28,6 +29,8 @@ _BERT_LAYER = {"q": "attention.self.query", "k": "attention.self.key", "v": "att
                "ffn_in": "intermediate.dense", "ffn_out": "output.dense", "ffn_norm": "output.LayerNorm"}
 _DISTILBERT_LAYER = {"q": "attention.q_lin", "k": "attention.k_lin", "v": "attention.v_lin", "attn_out": "attention.out_lin",
                      "attn_norm": "sa_layer_norm", "ffn_in": "ffn.lin1", "ffn_out": "ffn.lin2", "ffn_norm": "output_layer_norm"}
+_ALBERT_LAYER = {"q": "attention.query", "k": "attention.key", "v": "attention.value", "attn_out": "attention.dense",
+                 "attn_norm": "attention.LayerNorm", "ffn_in": "ffn", "ffn_out": "ffn_output", "ffn_norm": "full_layer_layer_norm"}
 _BERT_KEYS = {"heads": "num_attention_heads", "hidden": "hidden_size", "layers": "num_hidden_layers", "activation": "hidden_act"}
 
 
@@ -43,7 +46,10 @@ class Family:
     layer_tensors: Mapping[str, str]  # LAYER_TENSORS -> module path under the layer prefix
     config_keys: Mapping[str, str]  # heads, hidden, layers, activation -> the config.json key
     token_types: bool = True  # has a token_type embedding table
-    projection: str | None = None  # embedding -> hidden projection under ``prefix`` (ELECTRA), if present
+    projection: str | None = None  # embedding -> hidden projection under ``prefix`` (ELECTRA, ALBERT), if present
+    # ALBERT: layers share weights, num_hidden_groups groups of them; "{i}" in ``layer`` is then the
+    # group of layer i (as transformers computes it) and each layer gets its group's tensors.
+    layer_groups: bool = False
 
     def dims(self, config: Mapping[str, Any]) -> tuple[int, int, int]:
         """(heads, hidden size, layers) read from a checkpoint's config.json."""
@@ -67,6 +73,14 @@ FAMILIES: dict[str, Family] = {
                       "roberta.", "encoder.layer.{i}.", _BERT_LAYER, _BERT_KEYS),
     "electra": Family("ElectraForQuestionAnswering", ("input_ids", "attention_mask", "token_type_ids"), 0,
                       "electra.", "encoder.layer.{i}.", _BERT_LAYER, _BERT_KEYS, projection="embeddings_project"),
+    # RoBERTa's layout and module names, another vocabulary
+    "xlm-roberta": Family("XLMRobertaForQuestionAnswering", ("input_ids", "attention_mask"), 2,
+                          "roberta.", "encoder.layer.{i}.", _BERT_LAYER, _BERT_KEYS),
+    "camembert": Family("CamembertForQuestionAnswering", ("input_ids", "attention_mask"), 2,
+                        "roberta.", "encoder.layer.{i}.", _BERT_LAYER, _BERT_KEYS),
+    "albert": Family("AlbertForQuestionAnswering", ("input_ids", "attention_mask", "token_type_ids"), 0,
+                     "albert.", "encoder.albert_layer_groups.{i}.albert_layers.0.", _ALBERT_LAYER, _BERT_KEYS,
+                     projection="encoder.embedding_hidden_mapping_in", layer_groups=True),
 }
 
 
@@ -140,8 +154,16 @@ def native_weights(state: Mapping[str, np.ndarray], config: Mapping[str, Any]) -
         w["embeddings.project.weight"] = take(fam.prefix + fam.projection + ".weight")
         w["embeddings.project.bias"] = take(fam.prefix + fam.projection + ".bias")
     names = fam.layer_tensors
+    groups = 0
+    if fam.layer_groups:
+        groups = int(config.get("num_hidden_groups", 1))
+        if int(config.get("inner_group_num", 1)) != 1 or not 1 <= groups <= num_layers:
+            raise UnsupportedCheckpointError(
+                f"the native encoder maps ALBERT layer groups of one layer each (inner_group_num 1, 1 <= num_hidden_groups <= "
+                f"num_hidden_layers); this config has inner_group_num {config.get('inner_group_num')}, {groups} groups")
     for i in range(num_layers):
-        p = fam.prefix + fam.layer.format(i=i)
+        # ALBERT: layer i runs group int(i / (layers / groups)) (transformers' AlbertTransformer)
+        p = fam.prefix + fam.layer.format(i=int(i / (num_layers / groups)) if groups else i)
         w[f"layers.{i}.qkv.weight"] = np.concatenate([take(p + names[x] + ".weight") for x in "qkv"], axis=0)
         w[f"layers.{i}.qkv.bias"] = np.concatenate([take(p + names[x] + ".bias") for x in "qkv"], axis=0)
         for ours in LAYER_TENSORS[3:]:

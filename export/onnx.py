@@ -43,16 +43,15 @@ class Family:
 
 _BERT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _ROBERTA_INPUTS = ("input_ids", "attention_mask")
-_NATIVE_PENDING = "the native encoder's weight-name mapping does not cover this family yet"
 
 SUPPORTED: dict[str, Family] = {
     "bert": Family("BertForQuestionAnswering", _BERT_INPUTS, 0, "bert", True),
     "distilbert": Family("DistilBertForQuestionAnswering", _ROBERTA_INPUTS, 0, "bert", True),
     "roberta": Family("RobertaForQuestionAnswering", _ROBERTA_INPUTS, 2, "bert", True),
     "electra": Family("ElectraForQuestionAnswering", _BERT_INPUTS, 0, "bert", True),
-    "xlm-roberta": Family("XLMRobertaForQuestionAnswering", _ROBERTA_INPUTS, 2, "bert", True, _NATIVE_PENDING),
-    "camembert": Family("CamembertForQuestionAnswering", _ROBERTA_INPUTS, 2, "bert", True, _NATIVE_PENDING),
-    "albert": Family("AlbertForQuestionAnswering", _BERT_INPUTS, 0, "bert", True, _NATIVE_PENDING),
+    "xlm-roberta": Family("XLMRobertaForQuestionAnswering", _ROBERTA_INPUTS, 2, "bert", True),
+    "camembert": Family("CamembertForQuestionAnswering", _ROBERTA_INPUTS, 2, "bert", True),
+    "albert": Family("AlbertForQuestionAnswering", _BERT_INPUTS, 0, "bert", True),
     "mpnet": Family("MPNetForQuestionAnswering", _ROBERTA_INPUTS, 2, "bert", False,
                      "MPNet adds a bucketed relative position bias to every layer's attention scores, "
                      "which the native encoder does not compute; it runs on ONNX Runtime"),

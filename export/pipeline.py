@@ -167,13 +167,17 @@ def export_bundle(model_dir: str | Path, out: str | Path, opts: ExportOptions | 
             verification["onnx_fp32"] = onnx_export.verify_against(
                 reference, onnx_export.ort_session(raw), batches, atol=FP32_ATOL, min_span_agreement=1.0, label="ONNX fp32")
         native_record: dict[str, Any] = {"written": False, "reason": "left out by --no-native"}
-        if opts.native and spec.family.not_native is not None:
-            native_record["reason"] = f"{spec.model_type}: {spec.family.not_native}"
-            progress.log(f"[export] native encoder weights not written: {native_record['reason']}")
-        elif opts.native:
-            with progress.step("native encoder weights"):
-                verification["native"] = _write_native(w, model, spec, reference, batches, opts)
-            native_record = {"written": True}
+        if opts.native:
+            try:
+                if spec.family.not_native is not None:
+                    raise UnsupportedModelError(spec.family.not_native)
+                with progress.step("native encoder weights"):
+                    # the mapping refuses what the encoder does not compute (ALBERT's gelu_new) before writing
+                    verification["native"] = _write_native(w, model, spec, reference, batches, opts)
+                native_record = {"written": True}
+            except UnsupportedModelError as e:
+                native_record["reason"] = f"{spec.model_type}: {e}"
+                progress.log(f"[export] native encoder weights not written: {native_record['reason']}")
         del model  # free the PyTorch copy before quantization
 
         fused = w.path("model.fp32.onnx")

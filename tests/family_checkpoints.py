@@ -176,8 +176,9 @@ def save_tokenizer(family: str, dst: Path) -> Any:
     return tok
 
 
-def make_checkpoint(root: Path, family: str, *, seed: int = 0) -> Path:
-    """Save a tiny random ``family`` span model plus its tokenizer files to ``root``."""
+def make_checkpoint(root: Path, family: str, *, seed: int = 0, hidden_act: str | None = None) -> Path:
+    """Save a tiny random ``family`` span model plus its tokenizer files to ``root`` (``hidden_act``:
+    another activation than the family's default)."""
     import torch
 
     root.mkdir(parents=True)
@@ -186,19 +187,31 @@ def make_checkpoint(root: Path, family: str, *, seed: int = 0) -> Path:
     with warnings.catch_warnings():
         # transformers' DeBERTa module decorates helpers with torch.jit.script, deprecated in torch 2.13
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.", category=DeprecationWarning)
-        model = _model(family, tok)
+        model = _model(family, tok, {"hidden_act": hidden_act} if hidden_act else {})
     with torch.no_grad():
         (model.classifier if family == "modernbert" else model.qa_outputs).weight.mul_(40.0)
     model.save_pretrained(str(root))
     return root
 
 
-def _model(family: str, tok: Any) -> Any:
+def native_checkpoint(root: Path, family: str, *, seed: int = 0) -> Path:
+    """A tiny checkpoint the native encoder computes, of any family its weight mapping covers
+    (engine.native_weights.FAMILIES): tests/test_export.py's for BERT, DistilBERT, RoBERTa and
+    ELECTRA, this module's for the others (ALBERT with the exact GELU: real ALBERT checkpoints use
+    gelu_new, which the encoder does not compute)."""
+    if family in FAMILIES:
+        return make_checkpoint(root, family, seed=seed, hidden_act="gelu" if family == "albert" else None)
+    from test_export import make_checkpoint as make_wordpiece_or_bpe_checkpoint
+
+    return make_wordpiece_or_bpe_checkpoint(root, family, seed=seed)
+
+
+def _model(family: str, tok: Any, extra: dict[str, Any]) -> Any:
     import transformers as tf
 
     size = len(tok)
     ids = {k: tok.convert_tokens_to_ids(getattr(tok, f"{k}_token")) for k in ("pad", "cls", "sep")}
-    special = dict(pad_token_id=ids["pad"], bos_token_id=ids["cls"], eos_token_id=ids["sep"])
+    special = dict(pad_token_id=ids["pad"], bos_token_id=ids["cls"], eos_token_id=ids["sep"], **extra)
     if family in ("xlm-roberta", "camembert"):
         cfg_cls = tf.XLMRobertaConfig if family == "xlm-roberta" else tf.CamembertConfig
         model_cls = tf.XLMRobertaForQuestionAnswering if family == "xlm-roberta" else tf.CamembertForQuestionAnswering

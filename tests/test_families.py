@@ -27,6 +27,7 @@ from family_checkpoints import EDGE_CASES, FAMILIES, make_checkpoint  # noqa: E4
 
 from engine import Engine  # noqa: E402
 from engine.bundle import load_bundle  # noqa: E402
+from engine.native_weights import FAMILIES as NATIVE_FAMILIES  # noqa: E402
 from engine.postprocess import whole_characters  # noqa: E402
 from engine.preprocess import TextEncoder  # noqa: E402
 from export.onnx import SUPPORTED  # noqa: E402
@@ -234,20 +235,59 @@ def test_manifest_records_the_family(fam: Family) -> None:
         assert attention == config["num_hidden_layers"] or (family == "albert" and attention == config["num_hidden_layers"] - 1)
     else:
         assert attention == 0
-    # the native encoder: not written, and the manifest says why
-    assert b.precisions("native") == ()
-    assert m["native_encoder"]["written"] is False and entry.not_native and entry.not_native in m["native_encoder"]["reason"]
+    # the native encoder: written where its mapping covers the family and the model's activation
+    # (the tiny ALBERT uses gelu_new, as real ALBERT checkpoints do), else not, and the manifest says why
+    if family in NATIVE_FAMILIES and family != "albert":
+        assert b.precisions("native") == ("fp32",) and m["native_encoder"] == {"written": True}
+        assert "native" in v
+    else:
+        assert b.precisions("native") == () and m["native_encoder"]["written"] is False
+        why = entry.not_native or "the native encoder computes the exact GELU only; this model uses 'gelu_new'"
+        assert m["native_encoder"]["reason"] == f"{family}: {why}"
 
 
-def test_auto_runs_without_native_weights_and_says_why(fam: Family) -> None:
-    # the export wrote no native encoder weights for these families; "auto" moves on and says why
-    f, family = fam, fam.name
+def test_auto_picks_a_backend_that_runs_the_bundle_and_says_why(fam: Family) -> None:
+    f = fam
+    b = load_bundle(f.bundle)
+    native_here = _native_runs_here()
     with Engine(f.bundle, backend="auto", threads=1) as eng:
-        assert eng.backend == "onnxruntime"
-        (note,) = [n for n in eng.backend_notes if n.startswith("native:")]
-        assert SUPPORTED[family].not_native in note
+        if b.precisions("native") and native_here is None:
+            assert eng.backend == "native"
+        else:
+            assert eng.backend == "onnxruntime"
+            (note,) = [n for n in eng.backend_notes if n.startswith("native:")]
+            record = b.manifest["native_encoder"]
+            assert (native_here or "") in note if record["written"] else record["reason"] in note
         q, c = f.pairs[0]
         assert eng.answer(q, c).text
+
+
+def test_native_fp32_answers_equal_onnxruntime_fp32(fam: Family) -> None:
+    # where the export wrote native weights (XLM-RoBERTa, CamemBERT), the native encoder answers
+    # as the verified ONNX graph does (the export checked its logits against PyTorch too)
+    f = fam
+    if not load_bundle(f.bundle).precisions("native"):
+        pytest.skip(f"no native weights for {f.name}: {load_bundle(f.bundle).manifest['native_encoder']['reason']}")
+    if _native_runs_here() is not None:
+        pytest.skip(f"the native encoder does not run here: {_native_runs_here()}")
+    with Engine(f.bundle, backend="onnxruntime", precision="fp32", threads=1) as ort, \
+            Engine(f.bundle, backend="native", precision="fp32", threads=1) as native:
+        qs, cs = [q for q, _ in f.pairs], [c for _, c in f.pairs]
+        want, got = ort.answer_batch(qs, cs, top_k=3), native.answer_batch(qs, cs, top_k=3)
+    assert [[(a.text, a.start, a.end) for a in r] for r in got] == [[(a.text, a.start, a.end) for a in r] for r in want]
+    for r, w in zip(got, want):
+        assert [a.score for a in r] == pytest.approx([a.score for a in w], rel=1e-3)
+
+
+def _native_runs_here() -> str | None:
+    """None when "auto" would use the native encoder on this CPU, else why not."""
+    from engine.backends.native import auto_skip_reason
+    from engine.errors import BackendUnavailableError
+
+    try:
+        return auto_skip_reason()
+    except BackendUnavailableError as e:
+        return str(e)
 
 
 def test_unsupported_model_type_lists_every_family(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from engine.native_weights import FAMILIES, native_weights
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from test_export import make_checkpoint  # noqa: E402 - tests/ is on sys.path (rootdir-relative imports)
+from family_checkpoints import native_checkpoint as make_checkpoint  # noqa: E402 - tests/ is on sys.path (rootdir-relative imports)
 
 SEQ = 128
 QUESTIONS = [
@@ -129,7 +129,7 @@ def test_a_damaged_safetensors_file_is_a_bundle_error(tmp_path: Path) -> None:
         read_safetensors(bad)
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "xlm-roberta", "albert"])
 def test_native_bundle_answers_exactly_as_the_exported_bundle(tmp_path: Path, family: str) -> None:
     from export.pipeline import ExportOptions, export_bundle
 
