@@ -610,7 +610,11 @@ def _engine_for(model: Any, backend: str, precision: str | None) -> Engine:
         return eng
     if not isinstance(model, (str, os.PathLike)):
         raise InvalidInputError(f"model must be None (the default model), a bundle folder or an Engine, got {type(model).__name__}")
-    key = (str(Path(model).resolve()), backend, precision)
+    try:
+        where = str(Path(model).resolve())
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte: load_bundle says what is wrong
+        where = str(model)
+    key = (where, backend, precision)
     with _engines_lock:
         eng = _engines.get(key)
         if eng is None or eng.closed:

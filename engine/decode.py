@@ -8,7 +8,9 @@ The rule (kernels/include/spanrt/span_search.h holds it once for C++ and CUDA; t
   than -inf (so -inf logits never make a span);
 * spans are ranked by higher score, then smaller start, then smaller end;
 * rows with fewer than top_k valid spans are filled with (-1, -1) and -inf;
-* a NaN logit at a masked-in position raises ValueError naming the row.
+* a NaN logit at a masked-in position raises ValueError naming the row;
+* top_k above MAX_TOP_K or max_answer_len above MAX_ANSWER_LEN raise ValueError (not a 16 TiB
+  allocation or a binding's TypeError).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from engine.errors import BackendUnavailableError
+from engine.errors import BackendUnavailableError, brief
 
 try:
     from engine import _kernels
@@ -82,6 +84,18 @@ def _stream_handle(stream: Any) -> int | None:
     )
 
 
+MAX_TOP_K = 1 << 16  # the outputs are [B, top_k, 2]: beyond this a mistake, not a request
+MAX_ANSWER_LEN = (1 << 63) - 1  # the kernels take an int64 (a huge value means no length limit)
+
+
+def _bounded(name: str, value: Any, hi: int) -> int:
+    """``value`` as an int, at most ``hi`` (the kernels check the lower bound with their own message)."""
+    number = operator.index(value)
+    if number > hi:
+        raise ValueError(f"{name} must be at most {hi}, got {brief(number)}")
+    return number
+
+
 def _pack(raw: tuple[Any, ...], return_lse: bool, return_null: bool) -> Any:
     result = SpanSearchResult(*raw)
     if return_lse or return_null:
@@ -118,8 +132,8 @@ def span_search(
     """
     kernels = _require_kernels()
     options = dict(
-        max_answer_len=operator.index(max_answer_len),
-        top_k=operator.index(top_k),
+        max_answer_len=_bounded("max_answer_len", max_answer_len, MAX_ANSWER_LEN),
+        top_k=_bounded("top_k", top_k, MAX_TOP_K),
         return_lse=bool(return_lse),
         return_null=bool(return_null),
     )
@@ -180,6 +194,7 @@ def reference_span_search(
     against (slow; host arrays only). Same arguments, results and errors as span_search."""
     if stream is not None:
         raise ValueError("reference_span_search runs on the host; stream must be None")
+    max_answer_len, top_k = _bounded("max_answer_len", max_answer_len, MAX_ANSWER_LEN), _bounded("top_k", top_k, MAX_TOP_K)
     start, end, keep = np.asarray(start_logits), np.asarray(end_logits), np.asarray(mask)
     if start.dtype not in (np.float32, np.float16):
         raise TypeError(f"start_logits must be float32 or float16, got {start.dtype}")

@@ -173,3 +173,22 @@ def test_answers_have_finite_scores_or_the_model_is_refused(eng: Engine, seed: i
     for a in answers:
         assert math.isfinite(a.score) and 0 <= a.score <= 1 + 1e-6, a
         assert CONTEXT[a.start:a.end] == a.text
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"top_k": 2**40}, "top_k must be at most 65536"),  # was a 16 TiB allocation
+    ({"max_answer_len": 10**400}, "max_answer_len must be at most 9223372036854775807"),  # was the binding's TypeError
+])
+@pytest.mark.parametrize("decoder", [span_search, reference_span_search])
+def test_decoder_counts_out_of_range_are_value_errors(decoder: Any, kwargs: dict[str, int], message: str) -> None:
+    logits = np.zeros((1, 4), np.float32)
+    with pytest.raises(ValueError, match=message):
+        decoder(logits, logits, np.ones((1, 4), bool), **kwargs)
+
+
+def test_a_model_path_that_loops_is_a_bundle_error(tmp_path: Path) -> None:
+    import engine
+
+    (tmp_path / "loop").symlink_to("loop")
+    with pytest.raises(BundleError):
+        engine.answer(QUESTION, CONTEXT, model=tmp_path / "loop")
