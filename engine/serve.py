@@ -11,10 +11,10 @@ What the wheel needs, found out on this project's machines:
   runs the system's libpython with another Python's standard library and fails). The stub for
   that interpreter's version is copied into a private backend folder, as pytriton itself does.
 * The stub of nvidia-pytriton 0.7.0 (Triton 2.51) was built with a pybind11 older than NumPy 2
-  support (it imports ``numpy.core.multiarray``). Under NumPy 2 it reads ``PyArray_Descr`` at its
-  NumPy 1 layout, gets an item size of 0, and builds every tensor with zero strides: each element
-  is a copy of the first (a TYPE_STRING input becomes one repeated byte, the low byte of the first
-  string's length, and ``deserialize_bytes_tensor`` fails). HTTP and gRPC alike; the wheel itself
+  support (it imports ``numpy.core.multiarray``). Under NumPy 2 every tensor it converts comes out
+  as copies of its first element, as an array with zero strides would (it reads ``PyArray_Descr``
+  at its NumPy 1 layout): a TYPE_STRING input becomes one repeated byte, the low byte of the first
+  string's length, and ``deserialize_bytes_tensor`` fails. HTTP and gRPC alike; the wheel itself
   requires numpy<2. So the stub runs in a Python environment with NumPy < 2:
   ``python -m engine.serve --make-python-env DIR`` makes one (a venv with NumPy 1.26 that sees
   this environment's packages and SpanRT), and ``export triton --python-env DIR`` or
@@ -254,8 +254,9 @@ def start_triton(repository: str | os.PathLike[str], *, python_env: str | os.Pat
                f"--backend-config=python,shm-region-prefix-name={shm_prefix}", *extra_args]
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (facts["libdir"], str(dist.libs), env.get("LD_LIBRARY_PATH")) if p)
-        if env_dir is not None:  # the stub finds its Python through PATH (as pytriton arranges it)
-            env["PATH"] = f"{Path(env_dir).resolve() / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+        # The stub finds its Python (prefix, site-packages) through PATH, as pytriton arranges it.
+        bin_dir = Path(env_dir).resolve() / "bin" if env_dir is not None else Path(sys.executable).parent
+        env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
         log_path = workdir / "tritonserver.log"
         with open(log_path, "wb") as log:
             process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
