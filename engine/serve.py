@@ -272,7 +272,8 @@ def start_triton(repository: str | os.PathLike[str], *, python_env: str | os.Pat
         if "already in use" in text and attempt + 1 < attempts and not (http_port or grpc_port or metrics_port):
             continue
         state = f"exited with status {process.returncode}" if process.returncode is not None else f"not ready after {timeout_s:g} s"
-        raise BackendUnavailableError(f"tritonserver {state}; its log ends:\n{text[-4000:]}")
+        shown = text if len(text) <= 6000 else f"{text[:2000]}\n[...]\n{text[-4000:]}"
+        raise BackendUnavailableError(f"tritonserver {state}; command: {' '.join(cmd)}\nits log:\n{shown}")
     raise AssertionError("unreachable")
 
 
