@@ -140,11 +140,15 @@ def make_python_env(target: Path) -> Path:
     return target
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (the caller binds it soon; a lost race is retried)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` different TCP ports nobody listens on right now (the caller binds them soon; a lost
+    race is retried). All are held open while chosen: ports taken one at a time can repeat, and
+    tritonserver refuses one port for two protocols."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for s in sockets:
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in sockets]
 
 
 @dataclass
@@ -244,7 +248,8 @@ def start_triton(repository: str | os.PathLike[str], *, python_env: str | os.Pat
     facts = check_python_env(env_dir)
     repository = Path(repository).resolve()
     for attempt in range(attempts):
-        ports = [p or free_port(host) for p in (http_port, grpc_port, metrics_port)]
+        chosen = iter(free_ports(3, host))
+        ports = [p or next(chosen) for p in (http_port, grpc_port, metrics_port)]
         workdir = Path(tempfile.mkdtemp(prefix="spanrt-triton-"))
         shm_prefix = f"spanrt_triton_{os.getpid()}_{secrets.token_hex(4)}_"
         cmd = [str(dist.server), f"--model-repository={repository}", f"--backend-directory={_backend_folder(dist, facts['version'], workdir)}",

@@ -24,7 +24,7 @@ from runtime_helpers import lookup_bundle, planted
 
 from engine import Answer, Engine
 from engine.errors import BackendUnavailableError
-from engine.serve import TritonServer, check_python_env, default_python_env, find_tritonserver, start_triton
+from engine.serve import TritonServer, check_python_env, default_python_env, find_tritonserver, free_ports, start_triton
 from export.triton import CPU_MODEL, TritonOptions, validate_repository, write_repository
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -135,6 +135,13 @@ def assert_answers(got: dict[str, np.ndarray], row: int, want: list[Answer]) -> 
     assert [bool(v) for v in got["IMPOSSIBLE"][row][:k]] == [a.impossible for a in want]
     assert got["SCORE"][row][:k].tolist() == pytest.approx([a.score for a in want], rel=1e-5, abs=1e-7)
     assert all(s == -1 for s in got["START"][row][k:])  # padding of a row with fewer answers than the longest
+
+
+def test_free_ports_are_distinct() -> None:
+    # tritonserver exits (printing its usage) when two protocols get one port: ports chosen one at
+    # a time can repeat, which failed a full-suite run once
+    ports = free_ports(64)
+    assert len(set(ports)) == 64 and all(1024 <= p <= 65535 for p in ports)
 
 
 # ---- the server ----------------------------------------------------------------------------------------
