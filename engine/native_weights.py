@@ -54,9 +54,10 @@ class Family:
     def dims(self, config: Mapping[str, Any]) -> tuple[int, int, int]:
         """(heads, hidden size, layers) read from a checkpoint's config.json."""
         try:
-            return tuple(int(config[self.config_keys[k]]) for k in ("heads", "hidden", "layers"))  # type: ignore[return-value]
+            heads, hidden, layers = (int(config[self.config_keys[k]]) for k in ("heads", "hidden", "layers"))
         except (KeyError, TypeError, ValueError) as e:
             raise UnsupportedCheckpointError(f"config.json of this {self.architecture} lacks a usable {e} entry") from None
+        return heads, hidden, layers
 
 
 # The export stage's own table (export/onnx.py SUPPORTED: every family it exports to ONNX) agrees
