@@ -301,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.make_python_env is not None:
         print(make_python_env(a.make_python_env))
         return 0
+    def stop_serving(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # the server runs in its own session: stop it here, whatever stops us
+
+    signal.signal(signal.SIGINT, stop_serving)  # also where a background shell set SIGINT to be ignored
+    signal.signal(signal.SIGTERM, stop_serving)
     server = start_triton(a.triton, python_env=a.python_env, host=a.host, http_port=a.http_port, grpc_port=a.grpc_port,
                           metrics_port=a.metrics_port)
     print(f"tritonserver (pid {server.process.pid}) serving {a.triton}: HTTP {server.http_url}, gRPC {server.grpc_url}, "

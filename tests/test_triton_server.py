@@ -295,3 +295,50 @@ def test_bench_load_triton_phase(tmp_path: Path) -> None:
     assert s["triton_over_batching"] == pytest.approx(s["triton_qps"] / s["batching_qps"])
     assert s["triton_cpu_ms_per_answer"] > 0 and s["triton_p99_ms"] >= s["triton_p50_ms"] > 0
     assert s["triton_single_overhead_ms"] == pytest.approx(s["triton_single_p50_ms"] - s["single_p50_ms"])
+
+
+def test_python_m_engine_serve_serves_until_terminated(bundle: Path, tmp_path: Path) -> None:
+    """The command line: serves the repository on the ports given, and SIGTERM stops the server and
+    its stub (they run in their own session, so only the command can stop them)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    env = _server_or_skip()
+    repo = write_repository(bundle, tmp_path / "repo", TritonOptions(target="cpu"))
+    http, grpc_port, metrics = free_ports(3)
+    cmd = [sys.executable, "-m", "engine.serve", "--triton", str(repo), "--http-port", str(http), "--grpc-port",
+           str(grpc_port), "--metrics-port", str(metrics)] + (["--python-env", str(env)] if env is not None else [])
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()  # printed once the server is ready
+        assert f"HTTP 127.0.0.1:{http}" in line, line + proc.stdout.read().decode()[-3000:]
+        server_pid = int(re.search(r"pid (\d+)", line).group(1))  # type: ignore[union-attr]
+        family = [server_pid, *(c.pid for c in psutil.Process(server_pid).children(recursive=True))]
+        assert len(family) >= 2  # tritonserver and the model's stub
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        assert grpc_infer(client, _rows(PAIRS[:1]))["ANSWER"][0][0].decode() == ANSWER
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+
+        def alive(pid: int) -> bool:
+            try:
+                return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return False
+
+        deadline = time.monotonic() + 30
+        while any(alive(p) for p in family) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in family if alive(p)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        if proc.stdout is not None:
+            proc.stdout.close()
