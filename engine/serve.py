@@ -252,7 +252,8 @@ def start_triton(repository: str | os.PathLike[str], *, python_env: str | os.Pat
         ports = [p or next(chosen) for p in (http_port, grpc_port, metrics_port)]
         workdir = Path(tempfile.mkdtemp(prefix="spanrt-triton-"))
         shm_prefix = f"spanrt_triton_{os.getpid()}_{secrets.token_hex(4)}_"
-        cmd = [str(dist.server), f"--model-repository={repository}", f"--backend-directory={_backend_folder(dist, facts['version'], workdir)}",
+        backends = _backend_folder(dist, facts["version"], workdir)
+        cmd = [str(dist.server), f"--model-repository={repository}", f"--backend-directory={backends}",
                f"--http-address={host}", f"--grpc-address={host}", f"--metrics-address={host}",
                f"--http-port={ports[0]}", f"--grpc-port={ports[1]}", f"--metrics-port={ports[2]}",
                "--allow-metrics=true", "--allow-gpu-metrics=false", "--exit-timeout-secs=5",

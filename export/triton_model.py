@@ -44,6 +44,8 @@ STAGES = ("tokenize", "decode", "engine")
 OUTPUTS = ("ANSWER", "SCORE", "START", "END", "IMPOSSIBLE")
 OPTION_INPUTS = {"TOP_K": "top_k", "MAX_ANSWER_LEN": "max_answer_len", "HANDLE_IMPOSSIBLE": "handle_impossible"}
 PAD_POSITION = -1  # START and END of the padding of a row with fewer than k answers
+Options = tuple[tuple[str, Any], ...]  # a row's answering options, sorted by name (hashable: rows group by them)
+Row = tuple[str, str, Options]  # question, context, options
 
 
 def _pb_utils() -> Any:
@@ -167,7 +169,7 @@ class EngineStage:
             "max_question_len": int(params["max_question_len"]), "align_to_words": _flag(params["align_to_words"])}
         self.max_context_bytes = int(params["max_context_bytes"])
 
-    def rows(self, pb: Any, request: Any) -> list[tuple[str, str, tuple[tuple[str, Any], ...]]]:
+    def rows(self, pb: Any, request: Any) -> list[Row]:
         """A request's rows: (question, context, options), the options as a hashable sorted tuple."""
         questions, contexts = _strings(pb, request, "QUESTION"), _strings(pb, request, "CONTEXT")
         if len(questions) != len(contexts):
@@ -196,42 +198,42 @@ class EngineStage:
     def execute(self, pb: Any, requests: list[Any]) -> list[Any]:
         """Answer every row of every request; rows with equal options go to one Engine.answer_batch call.
         A failing call is answered again request by request, so only the bad request gets the error."""
-        rows: list[list[tuple[str, str, tuple[tuple[str, Any], ...]]] | None] = []
         errors: dict[int, BaseException] = {}
+        rows: dict[int, list[Row]] = {}
         for i, request in enumerate(requests):
             try:
-                rows.append(self.rows(pb, request))
+                rows[i] = self.rows(pb, request)
             except Exception as e:  # this request's error, never the others'
-                rows.append(None)
                 errors[i] = e
-        groups: dict[tuple[tuple[str, Any], ...], list[tuple[int, int]]] = {}
-        for i, request_rows in enumerate(rows):
-            for j, (_, _, options) in enumerate(request_rows or ()):
+        groups: dict[Options, list[tuple[int, int]]] = {}
+        for i, request_rows in rows.items():
+            for j, (_, _, options) in enumerate(request_rows):
                 groups.setdefault(options, []).append((i, j))
         answers: dict[tuple[int, int], list[Answer]] = {}
         for options, members in groups.items():
             try:
-                ranked = self.engine.answer_batch([rows[i][j][0] for i, j in members],  # type: ignore[index]
-                                                  [rows[i][j][1] for i, j in members], **dict(options))  # type: ignore[index]
-                answers.update(zip(members, ranked))
+                answers.update(self._answer(rows, members, options))
             except Exception:
                 for i in sorted({i for i, _ in members}):
-                    mine = [j for r, j in members if r == i]
                     try:
-                        ranked = self.engine.answer_batch([rows[i][j][0] for j in mine], [rows[i][j][1] for j in mine],  # type: ignore[index]
-                                                          **dict(options))
-                        answers.update(((i, j), a) for j, a in zip(mine, ranked))
+                        answers.update(self._answer(rows, [(r, j) for r, j in members if r == i], options))
                     except Exception as e:
                         errors[i] = e
         responses = []
-        for i, request_rows in enumerate(rows):
-            if i in errors or request_rows is None:
-                e = errors[i]
-                responses.append(error_response(pb, e))
+        for i in range(len(requests)):
+            if i in errors:
+                responses.append(error_response(pb, errors[i]))
                 continue
-            arrays = answer_arrays([answers[(i, j)] for j in range(len(request_rows))])
+            arrays = answer_arrays([answers[(i, j)] for j in range(len(rows[i]))])
             responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(n, a) for n, a in arrays.items()]))
         return responses
+
+    def _answer(self, rows: dict[int, list[Row]], members: list[tuple[int, int]], options: Options
+                ) -> dict[tuple[int, int], list[Answer]]:
+        """One Engine.answer_batch call for the rows ``members`` (request, row), which share ``options``."""
+        ranked = self.engine.answer_batch([rows[i][j][0] for i, j in members], [rows[i][j][1] for i, j in members],
+                                          **dict(options))
+        return dict(zip(members, ranked))
 
     def close(self) -> None:
         """Free the Engine."""
@@ -254,7 +256,8 @@ def answer_arrays(ranked: list[list[Answer]]) -> dict[str, np.ndarray]:
     for i, row in enumerate(ranked):
         for j, a in enumerate(row):
             out["ANSWER"][i, j] = a.text.encode("utf-8")
-            out["SCORE"][i, j], out["START"][i, j], out["END"][i, j], out["IMPOSSIBLE"][i, j] = a.score, a.start, a.end, a.impossible
+            out["SCORE"][i, j], out["START"][i, j], out["END"][i, j] = a.score, a.start, a.end
+            out["IMPOSSIBLE"][i, j] = a.impossible
     return out
 
 
