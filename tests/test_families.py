@@ -300,3 +300,23 @@ def test_unsupported_model_type_lists_every_family(tmp_path: Path) -> None:
     for model_type, fam in SUPPORTED.items():
         assert f"{fam.architecture} ({model_type})" in str(e.value)
     assert "'gpt2'" in str(e.value)
+
+
+def test_the_pair_template_is_read_when_short_texts_take_several_tokens(tmp_path: Path) -> None:
+    # a SentencePiece vocabulary without "▁a" splits "a" into "▁" + "a": the layout is still read
+    import numpy as np
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from engine.preprocess import learn_template
+
+    vocab = [("<unk>", 0.0), ("[CLS]", 0.0), ("[SEP]", 0.0), ("▁", -1.0), ("a", -2.0), ("b", -2.0)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=0))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    assert tok.encode("a", add_special_tokens=False).tokens == ["▁", "a"]
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1", special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    t = learn_template(tok, tmp_path / "tokenizer.json")
+    assert (t.prefix.tolist(), t.middle.tolist(), t.suffix.tolist()) == ([1], [2], [2])
+    assert (t.prefix_types.tolist(), t.middle_types.tolist(), t.suffix_types.tolist()) == ([0], [0], [1])
+    assert (t.question_type, t.context_type, t.num_special) == (0, 1, 3)
+    assert isinstance(t.prefix, np.ndarray)
