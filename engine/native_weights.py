@@ -21,7 +21,9 @@ import numpy as np
 from engine.errors import UnsupportedCheckpointError
 
 NATIVE_FILE = "model.native.npz"  # the bundle artifact
-SUPPORTED_ACTIVATIONS = ("gelu",)  # the exact (erf) GELU; the encoder computes no other
+# config.json's activation -> the encoder's: the exact (erf) GELU, or GELU's tanh approximation
+# (ALBERT's gelu_new; gelu_pytorch_tanh is the same function)
+SUPPORTED_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 # The encoder's per-layer tensors (ours) -> the module path under a family's layer prefix.
 LAYER_TENSORS = ("q", "k", "v", "attn_out", "attn_norm", "ffn_in", "ffn_out", "ffn_norm")
 _BERT_LAYER = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
@@ -131,7 +133,8 @@ def native_weights(state: Mapping[str, np.ndarray], config: Mapping[str, Any]) -
         raise UnsupportedCheckpointError(f"config.json gives {heads} heads, hidden size {hidden}, {num_layers} layers")
     act = config.get(fam.config_keys["activation"], "gelu")
     if act not in SUPPORTED_ACTIVATIONS:
-        raise UnsupportedCheckpointError(f"the native encoder computes the exact GELU only; this model uses {act!r}")
+        raise UnsupportedCheckpointError(f"the native encoder computes GELU ({', '.join(SUPPORTED_ACTIVATIONS)}) only; "
+                                         f"this model uses {act!r}")
     if config.get("position_embedding_type", "absolute") != "absolute":
         raise UnsupportedCheckpointError(
             f"the native encoder needs absolute position embeddings, not {config['position_embedding_type']!r}")
@@ -188,7 +191,7 @@ def native_weights(state: Mapping[str, np.ndarray], config: Mapping[str, Any]) -
         "position_offset": fam.position_offset,
         # DistilBERT's LayerNorms use 1e-12 without saying so in its config
         "layer_norm_eps": float(config.get("layer_norm_eps", 1e-12)),
-        "activation": "gelu",
+        "activation": SUPPORTED_ACTIVATIONS[act],
     }
     if encoder["embedding_size"] != hidden and "embeddings.project.weight" not in w:
         raise UnsupportedCheckpointError(f"embedding size {encoder['embedding_size']} != hidden size {hidden} without a projection")

@@ -197,8 +197,8 @@ def make_checkpoint(root: Path, family: str, *, seed: int = 0, hidden_act: str |
 def native_checkpoint(root: Path, family: str, *, seed: int = 0) -> Path:
     """A tiny checkpoint the native encoder computes, of any family its weight mapping covers
     (engine.native_weights.FAMILIES): tests/test_export.py's for BERT, DistilBERT, RoBERTa and
-    ELECTRA, this module's for the others (ALBERT with the exact GELU: real ALBERT checkpoints use
-    gelu_new, which the encoder does not compute)."""
+    ELECTRA, this module's for the others (ALBERT with the exact GELU here; test_families exports
+    the gelu_new one real ALBERT checkpoints have)."""
     if family in FAMILIES:
         return make_checkpoint(root, family, seed=seed, hidden_act="gelu" if family == "albert" else None)
     from test_export import make_checkpoint as make_wordpiece_or_bpe_checkpoint

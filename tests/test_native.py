@@ -251,8 +251,36 @@ def test_unsupported_activation_is_refused_at_export() -> None:
     cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_attention_heads=1, intermediate_size=32, num_hidden_layers=1,
                                   hidden_act="relu")
     model = transformers.BertForQuestionAnswering(cfg).eval()
-    with pytest.raises(UnsupportedModelError, match="exact GELU"):
+    with pytest.raises(UnsupportedModelError, match="computes GELU .* only; this model uses 'relu'"):
         native_weights(model, _spec("bert", cfg))
+
+
+@needs_encoder
+@pytest.mark.parametrize("isa", ["amx", "avx512_bf16", "avx512_vnni", "avx2_vnni", "avx2", "neon_i8mm", "neon", "generic"])
+@pytest.mark.parametrize("hidden_act", ["gelu_new", "gelu_pytorch_tanh"])
+def test_the_tanh_gelu_of_albert_checkpoints_matches_pytorch(isa: str, hidden_act: str) -> None:
+    """GELU's tanh approximation (ALBERT's gelu_new), fp32 and int8, on every path here."""
+    from export.native import native_weights
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=211, hidden_size=48, num_attention_heads=2, intermediate_size=100, num_hidden_layers=2,
+                                  max_position_embeddings=96, initializer_range=0.1, hidden_act=hidden_act)
+    model = transformers.BertForQuestionAnswering(cfg).eval()
+    config, weights = native_weights(model, _spec("bert", cfg))
+    assert config["activation"] == "gelu_tanh"
+    feeds = _inputs("bert", [57, 33, 1, 90], 90)
+    ref = _torch(model, feeds)
+    mask = feeds["attention_mask"].astype(bool)
+    for precision in ("fp32", "int8"):
+        _skip_unless_runs(isa, precision)
+        from engine import _encoder
+
+        got = _run(_encoder.Encoder(config, weights, precision, 2, isa), feeds)
+        for r, g in zip(ref, got):
+            scale = float(np.abs(r[mask]).max())
+            assert float(np.abs(r - g)[mask].max()) <= TOLERANCE[precision] * scale, (isa, precision)
+    exact = {**config, "activation": "gelu"}  # the other GELU gives other logits: the setting is used
+    assert not np.allclose(_run(_encoder.Encoder(exact, weights, "fp32", 2, isa), feeds)[0][mask], ref[0][mask], atol=1e-5)
 
 
 @needs_encoder

@@ -51,6 +51,7 @@ ISA_ENV = "SPANRT_CPU_ISA"
 AUTO_ISAS = ("amx", "avx512_bf16", "avx512_vnni", "avx2_vnni", "avx2", "neon_i8mm", "neon")
 CONFIG_KEYS = ("vocab_size", "max_positions", "type_vocab_size", "embedding_size", "hidden_size", "num_layers", "num_heads",
                "intermediate_size", "position_offset", "layer_norm_eps")
+ACTIVATIONS = ("gelu", "gelu_tanh")  # the exact GELU, or its tanh approximation (ALBERT's gelu_new)
 BUILD_HINT = ("reinstall spanrt with a C++17 compiler that knows this CPU's instruction sets (x86-64: GCC 11+ or Clang 12+; "
               "AArch64: -march=armv8.2-a+dotprod+i8mm, GCC 10+); SPANRT_ENCODER=ON makes the build fail loudly instead of leaving it out")
 
@@ -98,9 +99,10 @@ def encoder_config(root: Path, info: Mapping[str, Any]) -> dict[str, Any]:
     fix = f"export the bundle again: python -m export MODEL_DIR --out {root} --force"
     if not isinstance(cfg, dict) or any(k not in cfg for k in CONFIG_KEYS):
         raise BundleError(f"bundle {root}: the native artifact's 'encoder' config is missing or lacks {CONFIG_KEYS}. Fix: {fix}")
-    if cfg.get("activation", "gelu") != "gelu":
-        raise BundleError(f"bundle {root}: the native encoder computes GELU only, the manifest says {cfg.get('activation')!r}")
-    return {k: cfg[k] for k in CONFIG_KEYS}
+    activation = cfg.get("activation", "gelu")
+    if activation not in ACTIVATIONS:
+        raise BundleError(f"bundle {root}: the native encoder computes {' or '.join(ACTIVATIONS)}, the manifest says {activation!r}")
+    return {**{k: cfg[k] for k in CONFIG_KEYS}, "activation": activation}
 
 
 class NativeCPU(Backend):

@@ -41,6 +41,11 @@ std::unique_ptr<spanrt::Encoder> make_encoder(const py::dict& config, const py::
   c.position_offset = config_int(config, "position_offset");
   if (!config.contains("layer_norm_eps")) throw py::value_error("native encoder config lacks 'layer_norm_eps'");
   c.layer_norm_eps = config["layer_norm_eps"].cast<float>();
+  const std::string activation = config.contains("activation") ? config["activation"].cast<std::string>() : "gelu";
+  if (activation != "gelu" && activation != "gelu_tanh") {
+    throw py::value_error("native encoder activation must be 'gelu' (exact) or 'gelu_tanh', got '" + activation + "'");
+  }
+  c.gelu_tanh = activation == "gelu_tanh";
   spanrt::LinearPrecision p;
   if (precision == "int8") {
     p = spanrt::LinearPrecision::kInt8;

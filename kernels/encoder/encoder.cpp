@@ -510,7 +510,7 @@ void Encoder::forward(const int64_t* ids, const int64_t* mask, const int64_t* ty
       convert(ctx, layer.attn_out);
       linear(layer.attn_out, ctx, Epilogue::kBias, tmp, H);
       add_layer_norm(hidden, tmp, H, layer.attn_gamma.data(), layer.attn_beta.data(), &layer.ffn_in);
-      linear(layer.ffn_in, hidden, Epilogue::kBiasGelu, inter, I);
+      linear(layer.ffn_in, hidden, c.gelu_tanh ? Epilogue::kBiasGeluTanh : Epilogue::kBiasGelu, inter, I);
       convert(inter, layer.ffn_out);
       linear(layer.ffn_out, inter, Epilogue::kBias, tmp, H);
       add_layer_norm(hidden, tmp, H, layer.ffn_gamma.data(), layer.ffn_beta.data(), last ? nullptr : &first);

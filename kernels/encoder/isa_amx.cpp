@@ -198,7 +198,7 @@ void tile_gemm(const LinearView& L, const void* a, int64_t lda, const float* a_s
             const __m512i raw = _mm512_load_si512(c + i * 32 + half * 16);
             __m512 v = Int8 ? _mm512_cvtepi32_ps(raw) : _mm512_castsi512_ps(raw);
             v = _mm512_fmadd_ps(v, _mm512_mul_ps(ws, _mm512_set1_ps(Int8 ? a_scale[mb + i] : 1.0f)), bias);
-            if (ep == Epilogue::kBiasGelu) v = gelu512(v);
+            v = activate512(ep, v);
             _mm512_mask_storeu_ps(out + (mb + i) * ldo + n, mk, v);
           }
         }

@@ -24,7 +24,6 @@ namespace {
 #include "avx512_math.inc"
 
 inline void softmax_row(float* s, int64_t n, float scale) { softmax512(s, n, scale); }
-inline void gelu_row(float* x, int64_t n) { gelu_row512(x, n); }
 
 // ---- fp32: 8 rows x 48 columns (24 accumulators) -------------------------------------------------
 constexpr int64_t kF32Nb = 48;
@@ -164,8 +163,7 @@ void i8_block(int64_t mr, const LinearView& L, const uint8_t* a, int64_t lda, co
       _mm512_mask_storeu_ps(out + i * ldo + n, mk, _mm512_fmadd_ps(x, _mm512_mul_ps(ws, _mm512_set1_ps(a_scale[i])), bias));
     }
   }
-  if (ep == Epilogue::kBiasGelu)
-    for (int64_t i = 0; i < mr; ++i) gelu_row512(out + i * ldo + n0, ncols);
+  for (int64_t i = 0; i < mr; ++i) activate_row(ep, out + i * ldo + n0, ncols);
 }
 #undef SPANRT_ROW
 #undef SPANRT_ZERO4

@@ -82,8 +82,7 @@ void block(int64_t mr, const LinearView& L, const uint16_t* a, int64_t lda, cons
     const __m512 bias = _mm512_loadu_ps(L.bias + n);
     for (int64_t i = 0; i < mr; ++i) _mm512_mask_storeu_ps(out + i * ldo + n, mk, _mm512_add_ps(acc[i][v], bias));
   }
-  if (ep == Epilogue::kBiasGelu)
-    for (int64_t i = 0; i < mr; ++i) gelu_row512(out + i * ldo + n0, ncols);
+  for (int64_t i = 0; i < mr; ++i) activate_row(ep, out + i * ldo + n0, ncols);
 }
 #undef SPANRT_ROW
 #undef SPANRT_ZERO4

@@ -77,8 +77,7 @@ void block(int64_t mr, const LinearView& L, const uint8_t* a, int64_t lda, const
       _mm256_maskstore_ps(out + i * ldo + n, mk, _mm256_fmadd_ps(x, _mm256_mul_ps(ws, _mm256_set1_ps(a_scale[i])), bias));
     }
   }
-  if (ep == Epilogue::kBiasGelu)
-    for (int64_t i = 0; i < mr; ++i) gelu_row(out + i * ldo + n0, ncols);
+  for (int64_t i = 0; i < mr; ++i) activate_row(ep, out + i * ldo + n0, ncols);
 }
 #undef SPANRT_ROW
 #undef SPANRT_ZERO2

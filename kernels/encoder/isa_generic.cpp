@@ -27,7 +27,7 @@ static void f32_block(int64_t mr, const float* a, int64_t lda, const float* b, i
 }
 
 inline void softmax_row(float* s, int64_t n, float scale) { ro_softmax(s, n, scale); }
-inline void gelu_row(float* x, int64_t n) { ro_gelu_inplace(x, n); }
+inline void activate_row(Epilogue ep, float* x, int64_t n) { ro_activate_inplace(ep, x, n); }
 
 #include "f32ops.inc"
 
@@ -56,7 +56,7 @@ static void i8_gemm(const LinearView& L, const void* a, int64_t lda, const float
         for (int64_t e = 0; e < kI8G; ++e) acc[c] += int32_t{xr[g * kI8G + e]} * int32_t{panel[(g * kI8Nb + c) * kI8G + e]};
     float* o = out + m * ldo + n0;
     for (int64_t c = 0; c < ncols; ++c) o[c] = static_cast<float>(acc[c]) * (L.scale[n0 + c] * a_scale[m]) + L.bias[n0 + c];
-    if (ep == Epilogue::kBiasGelu) ro_gelu_inplace(o, ncols);
+    ro_activate_inplace(ep, o, ncols);
   });
 }
 

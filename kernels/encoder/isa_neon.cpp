@@ -61,7 +61,7 @@ void f32_block(int64_t mr, const float* a, int64_t lda, const float* b, int64_t 
 }
 
 inline void softmax_row(float* s, int64_t n, float scale) { ro_softmax(s, n, scale); }
-inline void gelu_row(float* x, int64_t n) { ro_gelu_inplace(x, n); }
+inline void activate_row(Epilogue ep, float* x, int64_t n) { ro_activate_inplace(ep, x, n); }
 
 #include "f32ops.inc"
 
@@ -105,7 +105,7 @@ void i8_block_t(const LinearView& L, const int8_t* a, int64_t lda, const float* 
       vst1q_f32(row + 4 * v, vfmaq_f32(vld1q_f32(L.bias + n0 + 4 * v), vcvtq_f32_s32(acc[i][v]), ws));
     }
     for (int64_t c = 0; c < ncols; ++c) out[i * ldo + n0 + c] = row[c];
-    if (ep == Epilogue::kBiasGelu) ro_gelu_inplace(out + i * ldo + n0, ncols);
+    ro_activate_inplace(ep, out + i * ldo + n0, ncols);
   }
 }
 

@@ -68,7 +68,7 @@ void block(int64_t mr, const LinearView& L, const int8_t* a, int64_t lda, const 
   for (int64_t i = 0; i < mr; ++i) {
     float* o = out + i * ldo + n0;
     for (int64_t c = 0; c < ncols; ++c) o[c] = static_cast<float>(sums[i][c]) * (L.scale[n0 + c] * a_scale[i]) + L.bias[n0 + c];
-    if (ep == Epilogue::kBiasGelu) ro_gelu_inplace(o, ncols);
+    ro_activate_inplace(ep, o, ncols);
   }
 }
 

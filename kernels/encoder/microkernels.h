@@ -31,7 +31,7 @@ namespace encoder {
 // The paths, as oneDNN names its ISAs: each one is a cap that also runs on every CPU above it.
 enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx2Vnni = 2, kAvx512Vnni = 3, kAvx512Bf16 = 4, kAmx = 5, kNeon = 6, kNeonI8mm = 7 };
 enum class Precision : int { kInt8 = 0, kBf16 = 1, kFp32 = 2 };
-enum class Epilogue : int { kBias = 0, kBiasGelu = 1 };
+enum class Epilogue : int { kBias = 0, kBiasGelu = 1, kBiasGeluTanh = 2 };  // GELU exact (erf) or its tanh approximation
 
 constexpr float kMaskedLogit = -10000.0f;
 

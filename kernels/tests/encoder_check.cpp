@@ -146,7 +146,10 @@ void reference(const Model& m, const int64_t* ids, const int64_t* types, int64_t
     for (size_t j = 0; j < a.size(); ++j) x[j] += a[j];
     layer_norm(x, L, H, m.get(p + "attn_norm.weight"), m.get(p + "attn_norm.bias"), c.layer_norm_eps);
     auto f = linear(x, L, H, m.get(p + "ffn_in.weight"), m.get(p + "ffn_in.bias"), I);
-    for (auto& v : f) v = 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0)));
+    for (auto& v : f) {
+      v = c.gelu_tanh ? 0.5 * v * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (v + 0.044715 * v * v * v)))
+                      : 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0)));
+    }
     auto o = linear(f, L, I, m.get(p + "ffn_out.weight"), m.get(p + "ffn_out.bias"), H);
     for (size_t j = 0; j < o.size(); ++j) x[j] += o[j];
     layer_norm(x, L, H, m.get(p + "ffn_norm.weight"), m.get(p + "ffn_norm.bias"), c.layer_norm_eps);
@@ -246,6 +249,9 @@ int main() {
   // ELECTRA-shaped model (embeddings 32 wide, projected to 48) with RoBERTa's position offset.
   run_model("bert 48/2/100", make_model(48, 48, 2, 100, 2, 0, 1));
   run_model("electra 32->48", make_model(32, 48, 3, 64, 1, 2, 2));
+  Model tanh_gelu = make_model(48, 48, 2, 100, 2, 0, 4);  // ALBERT's activation: GELU's tanh approximation
+  tanh_gelu.cfg.gelu_tanh = true;
+  run_model("gelu_tanh 48/2/100", tanh_gelu);
   // an unknown path name and a path of another architecture are refused
   bool threw = false;
   try {

@@ -34,6 +34,7 @@ struct EncoderConfig {
   int64_t intermediate = 0;
   int64_t position_offset = 0;  // RoBERTa: padding_idx + 1, else 0
   float layer_norm_eps = 1e-12f;
+  bool gelu_tanh = false;       // GELU's tanh approximation (gelu_new: ALBERT), else the exact (erf) GELU
 };
 
 enum class LinearPrecision { kInt8, kBf16, kFp32 };
