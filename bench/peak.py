@@ -2,7 +2,7 @@
 
 The peak comes from engine._peak, a multiply-add loop (vpdpbusd / sdot for int8, FMA for fp32) on
 every thread the systems use, run for about a second per precision while nothing else of the
-bench runs. The model's work is counted the same way, one multiply-add = 2 operations: the
+bench runs, each thread's rate taken over the CPU time it got (a busy machine still shows its peak). The model's work is counted the same way, one multiply-add = 2 operations: the
 encoder's matrix products (Q, K, V, output projection, the two feed-forward layers, and the two
 attention products Q·Kᵀ and P·V, which grow with the window length), for every window of the
 sample, windows of 384 tokens with a 128-token stride as every system cuts them. Embeddings,
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -26,8 +27,14 @@ PEAK_OF_PRECISION = {"int8": "int8", "fp32": "fp32"}
 
 
 def measure_peaks(threads: int, seconds: float = PEAK_SECONDS) -> dict[str, Any]:
-    """{"int8": {"ops_per_s", "isa"} or {"reason"}, "fp32": ..., "threads", "seconds", "s"} for this CPU."""
+    """{"int8": {"ops_per_s", "isa"} or {"reason"}, "fp32": ..., "threads", "seconds", "s"} for this CPU.
+
+    Each loop thread's rate is taken over the CPU time it got, so other processes on the machine do
+    not lower the peak; threads are capped at the CPUs this process may use (one CPU per thread).
+    """
     t0 = time.perf_counter()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, min(threads, usable))
     out: dict[str, Any] = {"threads": threads, "seconds": seconds}
     try:
         _peak = importlib.import_module("engine._peak")

@@ -119,7 +119,8 @@ def _machine_lines(results: dict[str, Any]) -> list[str]:
         p = peaks.get(kind) or {}
         parts.append(f"{kind} {p['ops_per_s'] / 1e12:.2f} Tops/s ({p['isa']})" if "ops_per_s" in p else f"{kind} not measured: {p.get('reason', '-')}")
     if peaks:
-        out.append(f"peak on {peaks['threads']} threads (multiply-add loop, 1 MAC = 2 ops): " + ", ".join(parts))
+        out.append(f"peak on {peaks['threads']} threads (multiply-add loop, 1 MAC = 2 ops, per CPU-second each thread got): "
+                   + ", ".join(parts))
     if feats and feats.get("AMX-INT8"):
         out.append("this CPU has AMX, which the peak loop does not use: a system running int8 on AMX can pass 100 % of the int8 peak")
     w = results.get("model_work") or {}
