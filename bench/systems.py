@@ -71,6 +71,8 @@ SYSTEMS: tuple[SystemSpec, ...] = (
     SystemSpec("spanrt-native-int8-avx2", "spanrt", "native", "int8", "cpu",
                "SpanRT, native C++ encoder, int8, capped at its plain AVX2 path (cpu_isa='avx2': int16 vpmaddwd, no VNNI)",
                cpu_isa="avx2"),
+    SystemSpec("spanrt-native-int8-avx2-vnni", "spanrt", "native", "int8", "cpu",
+               "SpanRT, native C++ encoder, int8, capped at its AVX2 path with AVX-VNNI (cpu_isa='avx2_vnni')", cpu_isa="avx2_vnni"),
     SystemSpec("spanrt-onnxruntime-openvino-bf16", "spanrt", "onnxruntime-openvino", "bf16", "cpu",
                "SpanRT, ONNX Runtime with the OpenVINO plugin (CPU), bf16 from the fp32 model"),
     SystemSpec("spanrt-torch-fp32", "spanrt", "torch", "fp32", "cpu", "SpanRT, PyTorch backend (reference), fp32", ends_only=True),
