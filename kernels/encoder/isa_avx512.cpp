@@ -190,10 +190,7 @@ const IsaKernels& avx512_kernels(bool bf16) {
     k.name = "avx512_vnni";
     k.gemm[static_cast<int>(Precision::kInt8)] = avx512::ro_gemm_kernel(avx512::kI8G, avx512::kI8Nb, 1, true, 1, avx512::i8_packed_bytes, avx512::i8_pack, avx512::i8_quantize_row, avx512::i8_gemm);
     avx512::fill_f32(k);
-    k.linear_desc[static_cast<int>(Precision::kInt8)] = "int8, AVX-512 VNNI vpdpbusd (u8 + 128 compensation, int32 sums)";
-    k.linear_desc[static_cast<int>(Precision::kFp32)] = "fp32, AVX-512 FMA";
-    k.attention_desc[static_cast<int>(Precision::kInt8)] = "fp32, exact softmax";
-    k.attention_desc[static_cast<int>(Precision::kFp32)] = "fp32, exact softmax";
+    avx512::ro_describe(k, "int8, AVX-512 VNNI vpdpbusd (u8 + 128 compensation, int32 sums)", "fp32, AVX-512 FMA");
     return k;
   }();
   static const IsaKernels with_bf16 = [] {

@@ -69,10 +69,7 @@ const IsaKernels& generic_kernels() {
     k.name = "generic";
     k.gemm[static_cast<int>(Precision::kInt8)] = generic::ro_gemm_kernel(generic::kI8G, generic::kI8Nb, 1, false, 1, generic::i8_packed_bytes, generic::i8_pack, generic::ro_quantize_s8, generic::i8_gemm);
     generic::fill_f32(k);
-    k.linear_desc[static_cast<int>(Precision::kInt8)] = "int8, portable C++ (int32 sums)";
-    k.linear_desc[static_cast<int>(Precision::kFp32)] = "fp32, portable C++";
-    k.attention_desc[static_cast<int>(Precision::kInt8)] = "fp32, exact softmax";
-    k.attention_desc[static_cast<int>(Precision::kFp32)] = "fp32, exact softmax";
+    generic::ro_describe(k, "int8, portable C++ (int32 sums)", "fp32, portable C++");
     return k;
   }();
   return kernels;

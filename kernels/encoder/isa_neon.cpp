@@ -141,10 +141,7 @@ const IsaKernels& neon_kernels(bool i8mm) {
     k.gemm[static_cast<int>(Precision::kInt8)] = neon::ro_gemm_kernel(neon::kI8G, neon::kI8Nb, 1, false, 1, neon::i8_packed_bytes, neon::i8_pack,
                                                                     neon::ro_quantize_s8, neon::i8_gemm);
     neon::fill_f32(k);
-    k.linear_desc[static_cast<int>(Precision::kInt8)] = "int8, NEON sdot (s8 x s8, int32 sums)";
-    k.linear_desc[static_cast<int>(Precision::kFp32)] = "fp32, NEON FMA";
-    k.attention_desc[static_cast<int>(Precision::kInt8)] = "fp32, exact softmax";
-    k.attention_desc[static_cast<int>(Precision::kFp32)] = "fp32, exact softmax";
+    neon::ro_describe(k, "int8, NEON sdot (s8 x s8, int32 sums)", "fp32, NEON FMA");
     return k;
   }();
   static const IsaKernels with_i8mm = [] {
