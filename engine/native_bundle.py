@@ -26,7 +26,7 @@ from engine.bundle_writer import BundleWriter
 from engine.errors import BundleError, UnsupportedCheckpointError
 from engine.native_weights import NATIVE_FILE, family_of, native_weights, write_npz
 
-DEFAULT_MAX_SEQ_LEN = 384  # the longest window, as python -m export's default --max-seq-len
+DEFAULT_MAX_SEQ_LEN = 384  # a bundle's longest window unless asked otherwise (python -m export --max-seq-len too)
 OUTPUT_NAMES = ("start_logits", "end_logits")
 SPECIAL_ROLES = ("cls", "sep", "pad")
 _MAX_HEADER = 100 << 20  # a safetensors header is JSON of a few KB to a few MB

@@ -76,7 +76,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _export_parser() -> argparse.ArgumentParser:
-    from export.pipeline import ORT_PRECISIONS, TRT_PRECISIONS
+    from export.pipeline import DEFAULT_MAX_SEQ_LEN, ORT_PRECISIONS, TRT_PRECISIONS
     from export.quantize import CALIBRATION_METHODS, RECIPES
 
     p = argparse.ArgumentParser(
@@ -85,7 +85,7 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model folder (config.json, weights, tokenizer)")
     p.add_argument("--out", required=True, metavar="BUNDLE_DIR", help="bundle folder to create")
     p.add_argument("--precisions", type=_csv(ORT_PRECISIONS), default=("fp32", "int8"), help="ONNX Runtime graphs to write (default: fp32,int8)")
-    p.add_argument("--max-seq-len", type=int, default=384, help="longest window in tokens (default 384)")
+    p.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN, help=f"longest window in tokens (default {DEFAULT_MAX_SEQ_LEN})")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--int8", choices=RECIPES, default="dynamic", help="INT8 recipe (default: dynamic, chosen by measurement on SQuAD; see export/README.md)")
     p.add_argument("--int8-calibration", choices=CALIBRATION_METHODS, default="minmax", help="static INT8: activation range method")

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.native_bundle import DEFAULT_MAX_SEQ_LEN
 from export.bundle import FORMAT, FORMAT_VERSION, BundleWriter
 from export.errors import ExportError, UnsupportedModelError
 from export.progress import Progress
@@ -33,7 +34,7 @@ class ExportOptions:
     """Everything ``python -m export MODEL_DIR --out BUNDLE_DIR`` can be told."""
 
     precisions: tuple[str, ...] = ("fp32", "int8")
-    max_seq_len: int = 384
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
     opset: int = 17
     calibration_data: str | None = None  # None: the shipped SQuAD-train sample
     calibration_samples: int = 256
