@@ -49,7 +49,11 @@ class Template:
 def learn_template(tokenizer: object, tokenizer_path: Path) -> Template:
     """Read the pair layout off the tokenizer's pair template (one encode of two short texts; they
     may take several tokens each, as a SentencePiece vocabulary can split even "a")."""
-    pair = tokenizer.encode("a", "b", add_special_tokens=True)  # type: ignore[attr-defined]
+    try:
+        pair = tokenizer.encode("a", "b", add_special_tokens=True)  # type: ignore[attr-defined]
+    except Exception as e:  # the tokenizers library raises a bare Exception (e.g. WordPiece without its [UNK] token)
+        raise BundleError(f"tokenizer {tokenizer_path} cannot encode a (question, context) pair: {e}. "
+                          "Fix: export the bundle again") from e
     seq = pair.sequence_ids
     ids = np.asarray(pair.ids, dtype=np.int64)
     types = np.asarray(pair.type_ids, dtype=np.int64)

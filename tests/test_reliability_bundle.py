@@ -405,6 +405,15 @@ def test_fuzzed_tokenizer_json_loads_or_is_a_bundle_error(template_bundle: Path,
         pass
 
 
+def test_a_tokenizer_that_cannot_encode_the_pair_is_a_bundle_error(template_bundle: Path,
+                                                                   tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Found by the fuzz test in CI: a WordPiece model without its [UNK] token makes the tokenizers
+    library raise a bare Exception on the template's encode."""
+    root = _fuzzed_copy(template_bundle, tmp_path_factory, "tokenizer.json", ("model", "unk_token"), "")
+    with pytest.raises(BundleError, match="cannot encode a \\(question, context\\) pair"):
+        TextEncoder(load_bundle(root).tokenizer_path)
+
+
 def test_the_fuzzed_files_reach_the_checks(tmp_path: Path) -> None:
     """The strategies' pathological fragments do reach the loader (not only invalid JSON)."""
     root = make_bundle(tmp_path / "b")
