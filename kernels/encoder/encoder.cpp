@@ -288,7 +288,6 @@ struct Encoder::Impl {
     Buffer<float> act_scale;
     Buffer<float> hidden, emb, qkv, ctx, tmp, inter;
     std::vector<Buffer<uint8_t>> scratch;  // attention, per thread
-    std::vector<size_t> scratch_bytes;
   };
   mutable Workspace ws;
   mutable std::unique_ptr<Team> team;  // started on the first call, in the calling process
@@ -426,15 +425,8 @@ void Encoder::forward(const int64_t* ids, const int64_t* mask, const int64_t* ty
   std::stable_sort(heads.begin(), heads.end(), [&](auto& x, auto& y) { return length[x.first] > length[y.first]; });
   const int nthreads = m.threads;
   const size_t scratch_bytes = K.attention_scratch_bytes(p, longest, d);
-  if (w.scratch.size() < static_cast<size_t>(nthreads)) {
-    w.scratch.resize(nthreads);
-    w.scratch_bytes.resize(nthreads, 0);
-  }
-  for (int t = 0; t < nthreads; ++t)
-    if (w.scratch_bytes[t] < scratch_bytes) {
-      w.scratch[t].resize(scratch_bytes);
-      w.scratch_bytes[t] = scratch_bytes;
-    }
+  if (w.scratch.size() < static_cast<size_t>(nthreads)) w.scratch.resize(nthreads);
+  for (int t = 0; t < nthreads; ++t) ensure(w.scratch[t], static_cast<int64_t>(scratch_bytes));
   const Linear& first = m.layers.front().qkv;  // the layer every LayerNorm output feeds (width H)
   if (m.team && m.team_pid != getpid()) Team::abandon(m.team);  // forked since the last call
   if (!m.team) {
