@@ -75,7 +75,7 @@ def choose_isa(module: Any, cap: str | None = None) -> str:
     status = dict(module.isa_status())  # path -> "" or why it cannot run, best first
     known = list(status)
     if cap is None:
-        return str(module.runnable_isas()[0])
+        return next(isa for isa, why in status.items() if not why)  # generic always runs
     if cap not in status:
         raise InvalidInputError(f"{source}={cap!r} is not an instruction-set path of the native encoder; this build knows "
                                 f"{', '.join(known)} (best first)")
