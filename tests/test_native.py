@@ -283,17 +283,26 @@ def test_the_tanh_gelu_of_albert_checkpoints_matches_pytorch(isa: str, hidden_ac
     assert not np.allclose(_run(_encoder.Encoder(exact, weights, "fp32", 2, isa), feeds)[0][mask], ref[0][mask], atol=1e-5)
 
 
-@needs_encoder
-def test_the_isa_cap_picks_the_path_and_refuses_unknown_or_missing_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from engine import Engine
-    from engine.errors import InvalidInputError
+@pytest.fixture(scope="module")
+def int8_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(checkpoint, exported int8 bundle with native weights) of the small BERT, shared by the tests below."""
     from export.pipeline import ExportOptions, export_bundle
 
-    ckpt = tmp_path / "ckpt"
+    root = tmp_path_factory.mktemp("int8_bundle")
+    ckpt = root / "ckpt"
     model, _ = _model("bert", 64, 2, 128)
     model.save_pretrained(ckpt)
     _tokenizer(ckpt)
-    bundle = export_bundle(ckpt, tmp_path / "bundle", ExportOptions(precisions=("int8",), max_seq_len=64, tensorrt_onnx=(), quiet=True))
+    return ckpt, export_bundle(ckpt, root / "bundle", ExportOptions(precisions=("int8",), max_seq_len=64, tensorrt_onnx=(), quiet=True))
+
+
+@needs_encoder
+def test_the_isa_cap_picks_the_path_and_refuses_unknown_or_missing_ones(int8_bundle: tuple[Path, Path],
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine import Engine
+    from engine.errors import InvalidInputError
+
+    _, bundle = int8_bundle
     context = "the river runs past the old mill and the bridge near the town"
     answers = {}
     for isa in RUNNABLE_ISAS:  # the option, then the environment variable
@@ -320,15 +329,12 @@ def test_the_isa_cap_picks_the_path_and_refuses_unknown_or_missing_ones(tmp_path
 
 
 @needs_encoder
-def test_auto_skips_the_generic_path_and_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_skips_the_generic_path_and_says_why(int8_bundle: tuple[Path, Path], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from engine import Engine
     from export.pipeline import ExportOptions, export_bundle
 
-    ckpt = tmp_path / "ckpt"
-    model, _ = _model("bert", 64, 2, 128)
-    model.save_pretrained(ckpt)
-    _tokenizer(ckpt)
-    bundle = export_bundle(ckpt, tmp_path / "bundle", ExportOptions(precisions=("int8",), max_seq_len=64, tensorrt_onnx=(), quiet=True))
+    ckpt, bundle = int8_bundle
     with Engine(bundle, precision="int8", threads=1) as e:  # the best path: native, unless only generic runs here
         assert (e.backend == "native") == (BEST != "generic")
     monkeypatch.setenv("SPANRT_CPU_ISA", "generic")  # a CPU with no tuned path
