@@ -233,7 +233,7 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
     """Run the phases; returns the load document."""
     from bench.soak import _bundle_for
     from engine import Engine
-    from engine.batching import BatchingEngine
+    from engine.dynamic_batching import BatchingEngine
     from export.squad_data import load_squad
 
     pairs = [(e.question, e.context) for e in load_squad(args.data)]

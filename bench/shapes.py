@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from bench.run import positive_int_list
-from engine.batcher import Batch
+from engine.windows import Batch
 
 
 def measure(backend: Any, seqs: list[int], batches: list[int], *, min_runs: int = 3, tokens_per_cell: int = 6144,

@@ -42,6 +42,19 @@ class CallCancelledError(SpanRTError, RuntimeError):
     """A call's ``should_stop`` callback asked it to stop (its callers gave up); no answer."""
 
 
+class QueueFullError(SpanRTError, RuntimeError):
+    """The batching queue is full: the service is overloaded; retry later or add capacity."""
+
+
+class RequestTimeoutError(SpanRTError, TimeoutError):
+    """A call was not answered within its timeout (it was dropped if it had not started)."""
+
+
+class WorkerDiedError(SpanRTError, RuntimeError):
+    """A batching worker thread stopped on an unexpected error: every waiting and later call
+    fails with this error, and ``healthy`` is False; create a new BatchingEngine."""
+
+
 def brief(value: Any, limit: int = 40) -> str:
     """``repr(value)`` for an error message, cut to about ``limit`` characters (a 5,000-digit int
     or a megabyte string in a message helps nobody)."""

@@ -5,7 +5,7 @@ contexts separately, without special tokens; the special-token layout of a (ques
 pair is learnt once from the tokenizer's own pair encoding (:class:`Template`), so BERT's
 ``[CLS] q [SEP] c [SEP]`` and RoBERTa's ``<s> q </s></s> c </s>`` need no special cases. Windows
 are described by arrays (context token start/stop per window) and only turned into padded model
-inputs batch by batch (engine.batcher), so a 1 MB context never exists as one tensor.
+inputs batch by batch (engine.windows), so a 1 MB context never exists as one tensor.
 """
 
 from __future__ import annotations
@@ -186,8 +186,6 @@ class ContextCache:
         self.max_chars = max_chars
         self._items: OrderedDict[str, EncodedContext] = OrderedDict()
         self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
 
     def after_fork(self) -> None:
         """A new lock in a forked child: the parent's may have been held by a thread that is not here."""
@@ -197,11 +195,8 @@ class ContextCache:
         """The cached tokens of ``text``, or None."""
         with self._lock:
             hit = self._items.get(text)
-            if hit is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(text)
-            self.hits += 1
+            if hit is not None:
+                self._items.move_to_end(text)
             return hit
 
     def put(self, context: EncodedContext) -> None:

@@ -1,7 +1,7 @@
 """A minimal HTTP question-answering service: Starlette + uvicorn over a BatchingEngine.
 
 An example of embedding SpanRT in an asyncio service, not a product server (no auth, no TLS, no
-metrics). Concurrent requests are answered in shared model batches by ``engine.batching``.
+metrics). Concurrent requests are answered in shared model batches by ``engine.dynamic_batching``.
 
     python -m examples.service --model BUNDLE_DIR [--host 127.0.0.1] [--port 8000]
     curl -s localhost:8000/answer -d '{"question": "Who?", "context": "Ada wrote it."}'
@@ -39,8 +39,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from engine.batching import BatchingEngine, QueueFullError, RequestTimeoutError, WorkerDiedError
-from engine.errors import EngineClosedError, InvalidInputError, RequestTooLargeError, SpanRTError
+from engine import (
+    BatchingEngine,
+    EngineClosedError,
+    InvalidInputError,
+    QueueFullError,
+    RequestTimeoutError,
+    RequestTooLargeError,
+    SpanRTError,
+    WorkerDiedError,
+)
 
 DEFAULT_MAX_BODY_BYTES = 2 << 20  # a SQuAD context is a few KB; a whole book is not a request
 # Model windows one request may cause (--max-windows): bytes do not bound work. A SQuAD context

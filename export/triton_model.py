@@ -17,7 +17,7 @@ The GPU repository (``--target gpu``, an ensemble) has two:
 * ``decode``: QUESTION, CONTEXT, start_logits, end_logits -> ANSWER, SCORE, START, END,
   IMPOSSIBLE (best first, up to top_k), with SpanRT's span search and post-processing.
 
-Both stages run SpanRT's own runtime code (engine.preprocess, engine.batcher, engine.decode,
+Both stages run SpanRT's own runtime code (engine.preprocess, engine.windows, engine.decode,
 engine.postprocess), so Triton answers exactly as ``engine.Engine`` does. The decode stage
 re-derives the windows from the strings (the same deterministic tokenization) instead of passing
 offsets through the ensemble, and checks that the logits it got have the shape those windows need.
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from engine.api import normalize_inputs
-from engine.batcher import Batch, WindowTable, build_batch
+from engine.windows import Batch, WindowTable, build_batch
 from engine.decode import span_search
 from engine.errors import InvalidInputError
 from engine.postprocess import Answer, Candidates, collect, finalize

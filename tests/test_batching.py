@@ -1,4 +1,4 @@
-"""engine.batching.BatchingEngine on lookup-model bundles: concurrent calls share model batches,
+"""engine.dynamic_batching.BatchingEngine on lookup-model bundles: concurrent calls share model batches,
 every caller gets its own answer (the plain Engine's answer is the oracle), and queue limits,
 timeouts, bad calls and shutdown each end in the documented typed error."""
 
@@ -15,7 +15,7 @@ import pytest
 from runtime_helpers import lookup_bundle, token_ids
 
 from engine import Answer, Engine
-from engine.batching import BatchingEngine, QueueFullError, RequestTimeoutError
+from engine.dynamic_batching import BatchingEngine, QueueFullError, RequestTimeoutError
 from engine.errors import EngineClosedError, InvalidInputError, UnknownOptionError
 
 # One planted (single-token) answer per caller: context i holds only colour i, so a call routed

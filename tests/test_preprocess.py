@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from runtime_helpers import TOKENIZER_JSON
 from tokenizers import Tokenizer
 
-from engine.batcher import WindowTable, build_batch, plan_batches
+from engine.windows import WindowTable, build_batch, plan_batches
 from engine.errors import InvalidInputError
 from engine.preprocess import TextEncoder, make_example, plan_windows
 

@@ -27,7 +27,7 @@ import pytest
 from runtime_helpers import lookup_bundle, planted
 
 from engine import Engine
-from engine.batching import BatchingEngine, WorkerDiedError
+from engine.dynamic_batching import BatchingEngine, WorkerDiedError
 
 ANSWER = "Zanzibar Island"
 CONTEXT = " ".join(["The crew mended sails and counted stores."] * 12) + " After a long voyage the ship sailed to Zanzibar Island."

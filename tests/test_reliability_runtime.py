@@ -17,7 +17,7 @@ import pytest
 from runtime_helpers import lookup_bundle, planted
 
 from engine import Engine
-from engine.batching import BatchingEngine, RequestTimeoutError, WorkerDiedError
+from engine.dynamic_batching import BatchingEngine, RequestTimeoutError, WorkerDiedError
 from engine.errors import CallCancelledError, InvalidInputError, RequestTooLargeError
 
 ANSWER = "Zanzibar Island"

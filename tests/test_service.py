@@ -22,7 +22,7 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
 from engine import Engine  # noqa: E402
-from engine.batching import BatchingEngine  # noqa: E402
+from engine.dynamic_batching import BatchingEngine  # noqa: E402
 from examples.service import create_app  # noqa: E402
 
 ANSWER = "Zanzibar Island"

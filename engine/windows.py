@@ -109,7 +109,6 @@ def _optimal_cuts(sorted_lengths: np.ndarray, max_batch_size: int, max_batch_tok
 class Batch:
     """Model inputs for one batch plus what decoding needs to map positions back."""
 
-    windows: np.ndarray  # int64 [B], indices into the WindowTable
     input_ids: np.ndarray  # [B, S]
     attention_mask: np.ndarray  # [B, S]
     token_type_ids: np.ndarray  # [B, S]
@@ -119,7 +118,7 @@ class Batch:
     def of_ids(cls, input_ids: np.ndarray) -> Batch:
         """A batch of unpadded windows with these ids (segment 0, every token a context token): for
         timing and warming up a backend at a shape, not for answers."""
-        return cls(windows=np.arange(len(input_ids)), input_ids=input_ids, attention_mask=np.ones_like(input_ids),
+        return cls(input_ids=input_ids, attention_mask=np.ones_like(input_ids),
                    token_type_ids=np.zeros_like(input_ids), context_mask=np.ones(input_ids.shape, dtype=bool))
 
     def feeds(self, input_names: Sequence[str], dtypes: dict[str, np.dtype]) -> dict[str, np.ndarray]:
@@ -159,4 +158,4 @@ def build_batch(
         types[r, c1:end] = suffix_types
         attention[r, :end] = 1
         cmask[r, c0:c1] = True
-    return Batch(windows=windows, input_ids=input_ids, attention_mask=attention, token_type_ids=types, context_mask=cmask)
+    return Batch(input_ids=input_ids, attention_mask=attention, token_type_ids=types, context_mask=cmask)

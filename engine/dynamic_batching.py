@@ -30,7 +30,16 @@ from typing import Any
 
 from engine.api import Engine, Result, normalize_inputs
 from engine.bundle import Bundle
-from engine.errors import CallCancelledError, EngineClosedError, InvalidInputError, SpanRTError, UnknownOptionError, brief
+from engine.errors import (
+    CallCancelledError,
+    EngineClosedError,
+    InvalidInputError,
+    QueueFullError,
+    RequestTimeoutError,
+    UnknownOptionError,
+    WorkerDiedError,
+    brief,
+)
 
 __all__ = ["BatchingEngine", "QueueFullError", "RequestTimeoutError", "WorkerDiedError"]
 
@@ -48,19 +57,6 @@ _OPTION_DEFAULTS: dict[str, Any] = {
     name: p.default for name, p in inspect.signature(Engine.answer_batch).parameters.items()
     if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "should_stop"
 }
-
-
-class QueueFullError(SpanRTError, RuntimeError):
-    """The batching queue is full: the service is overloaded; retry later or add capacity."""
-
-
-class RequestTimeoutError(SpanRTError, TimeoutError):
-    """A call was not answered within its timeout (it was dropped if it had not started)."""
-
-
-class WorkerDiedError(SpanRTError, RuntimeError):
-    """A batching worker thread stopped on an unexpected error: every waiting and later call
-    fails with this error, and ``healthy`` is False; create a new BatchingEngine."""
 
 
 _USE_DEFAULT: Any = object()  # "timeout not given": use the engine's timeout_s
