@@ -80,9 +80,11 @@ void block(int64_t mr, const LinearView& L, const uint16_t* a, int64_t lda, cons
     const int64_t n = n0 + 16 * v;
     const __mmask16 mk = tail_mask(ncols - 16 * v);
     const __m512 bias = _mm512_loadu_ps(L.bias + n);
-    for (int64_t i = 0; i < mr; ++i) _mm512_mask_storeu_ps(out + i * ldo + n, mk, _mm512_add_ps(acc[i][v], bias));
+    for (int64_t i = 0; i < mr; ++i) {
+      const __m512 y = _mm512_add_ps(acc[i][v], bias);
+      _mm512_mask_storeu_ps(out + i * ldo + n, mk, ep == Epilogue::kBias ? y : activate512(ep, y));  // in registers (isa_avx512.cpp)
+    }
   }
-  for (int64_t i = 0; i < mr; ++i) activate_row(ep, out + i * ldo + n0, ncols);
 }
 #undef SPANRT_ROW
 #undef SPANRT_ZERO4
@@ -98,19 +100,25 @@ void gemm(const LinearView& L, const void* a, int64_t lda, const float*, int64_t
 }
 
 // ---- attention: bf16 products, fp32 softmax -------------------------------------------------------
+// Query rows in tiles of kQt: scores S = Q K^T by the block kernel above (K packed as its weights),
+// an exact fp32 softmax whose last pass writes the bf16 probabilities, then P V by a kernel of
+// kQt rows x 32 head dimensions (head_dim 32, MiniLM's, fills it; 64 takes two panels).
+constexpr int64_t kQt = 12;  // two 6-row score blocks; P V: 12 rows x 2 zmm = 24 accumulators
+constexpr int64_t kVw = 32;  // P V panel width (head dimensions)
+
 struct AttnScratch {
   uint16_t* q;   // [L][dp] queries
   uint16_t* k;   // keys as block-kernel weights: [L64/64][dp/2][64][2]
-  uint16_t* v;   // values as block-kernel weights (columns = head dims, k = keys): [d64/64][Lp/2][64][2]
-  float* s;      // [6][L64] scores of one row block
-  uint16_t* p;   // [6][Lp] probabilities, bf16 (before them: 64 keys x dp, bf16, while packing)
-  float* zeros;  // [max(L64, d64)] the block kernel's bias
+  uint16_t* v;   // values: [d32/32][Lp/2][32][2] (pairs of consecutive keys per head dimension)
+  float* s;      // [kQt][L64] scores of one query tile
+  uint16_t* p;   // [kQt][Lp] probabilities, bf16 (before them: 64 keys x dp, bf16, while packing)
+  float* zeros;  // [L64] the block kernel's bias
 };
 
 size_t attn_carve(void* base, int64_t L, int64_t d, AttnScratch* out) {
-  const int64_t L64 = ro_round_up(L, 64), dp = ro_round_up(d, 2), Lp = ro_round_up(L, 2), d64 = ro_round_up(d, 64);
-  const size_t sizes[6] = {sizeof(uint16_t) * L * dp, sizeof(uint16_t) * L64 * dp, sizeof(uint16_t) * d64 * Lp, sizeof(float) * 6 * L64,
-                           sizeof(uint16_t) * (6 * Lp > 64 * dp ? 6 * Lp : 64 * dp), sizeof(float) * (L64 > d64 ? L64 : d64)};
+  const int64_t L64 = ro_round_up(L, 64), dp = ro_round_up(d, 2), Lp = ro_round_up(L, 2), d32 = ro_round_up(d, kVw);
+  const size_t sizes[6] = {sizeof(uint16_t) * L * dp, sizeof(uint16_t) * L64 * dp, sizeof(uint16_t) * d32 * Lp, sizeof(float) * kQt * L64,
+                           sizeof(uint16_t) * (kQt * Lp > 64 * dp ? kQt * Lp : 64 * dp), sizeof(float) * L64};
   char* p = static_cast<char*>(base);
   size_t used = 0;
   void* parts[6];
@@ -129,51 +137,119 @@ size_t attn_carve(void* base, int64_t L, int64_t d, AttnScratch* out) {
   return used;
 }
 
+// n floats as bf16, round to nearest even (vcvtneps2bf16: the same as ro_to_bf16 for the normal
+// numbers attention sees), 16 at a time.
+inline void to_bf16_row(const float* x, int64_t n, uint16_t* o) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 mk = tail_mask(n - j);
+    const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, x + j)));
+    _mm256_mask_storeu_epi16(o + j, mk, h);
+  }
+}
+
+// The last pass of the softmax: p = bf16(e * inv), zero-padded to Lp.
+inline void scale_to_bf16(const float* e, int64_t n, float inv, uint16_t* o, int64_t n_pad) {
+  const __m512 iv = _mm512_set1_ps(inv);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 mk = tail_mask(n - j);
+    const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, e + j), iv)));
+    _mm256_mask_storeu_epi16(o + j, mk, h);
+  }
+  for (int64_t j = n; j < n_pad; ++j) o[j] = 0;
+}
+
+// e = exp((s - max) * scale) in place over n; returns 1 / sum e. Exact softmax up to fp32 rounding.
+inline float exp_row(float* s, int64_t n, float scale) {
+  __m512 m = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < n; j += 16) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail_mask(n - j), s + j));
+  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m)), sc = _mm512_set1_ps(scale);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 mk = tail_mask(n - j);
+    const __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + j), mx), sc)));
+    _mm512_mask_storeu_ps(s + j, mk, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return 1.0f / _mm512_reduce_add_ps(sum);
+}
+
+// P V for rows [0, mr) (mr <= 12) x one 32-column panel: 24 named accumulators.
+#define SPANRT_PV_ROW(i)                                    \
+  {                                                         \
+    int32_t pair;                                           \
+    std::memcpy(&pair, p##i + 2 * g, 4);                    \
+    const __m512i av = _mm512_set1_epi32(pair);             \
+    dpbf16(c##i##0, av, b0);                                \
+    dpbf16(c##i##1, av, b1);                                \
+  }
+#define SPANRT_PV_ZERO(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = c##i##0;
+#define SPANRT_PV_SAVE(i) acc[i][0] = c##i##0, acc[i][1] = c##i##1;
+
+void pv_block(int64_t mr, const uint16_t* p, int64_t ldp, const uint16_t* panel, int64_t pairs, int64_t ncols, float* out, int64_t ldo) {
+  const uint16_t *p0 = p, *p1 = p + ro_min(1, mr - 1) * ldp, *p2 = p + ro_min(2, mr - 1) * ldp, *p3 = p + ro_min(3, mr - 1) * ldp,
+                 *p4 = p + ro_min(4, mr - 1) * ldp, *p5 = p + ro_min(5, mr - 1) * ldp, *p6 = p + ro_min(6, mr - 1) * ldp,
+                 *p7 = p + ro_min(7, mr - 1) * ldp, *p8 = p + ro_min(8, mr - 1) * ldp, *p9 = p + ro_min(9, mr - 1) * ldp,
+                 *p10 = p + ro_min(10, mr - 1) * ldp, *p11 = p + ro_min(11, mr - 1) * ldp;
+  SPANRT_PV_ZERO(0) SPANRT_PV_ZERO(1) SPANRT_PV_ZERO(2) SPANRT_PV_ZERO(3) SPANRT_PV_ZERO(4) SPANRT_PV_ZERO(5)
+  SPANRT_PV_ZERO(6) SPANRT_PV_ZERO(7) SPANRT_PV_ZERO(8) SPANRT_PV_ZERO(9) SPANRT_PV_ZERO(10) SPANRT_PV_ZERO(11)
+  for (int64_t g = 0; g < pairs; ++g) {
+    const __m512i b0 = _mm512_load_si512(panel + g * 2 * kVw), b1 = _mm512_load_si512(panel + g * 2 * kVw + 32);
+    SPANRT_PV_ROW(0) SPANRT_PV_ROW(1) SPANRT_PV_ROW(2) SPANRT_PV_ROW(3) SPANRT_PV_ROW(4) SPANRT_PV_ROW(5)
+    SPANRT_PV_ROW(6) SPANRT_PV_ROW(7) SPANRT_PV_ROW(8) SPANRT_PV_ROW(9) SPANRT_PV_ROW(10) SPANRT_PV_ROW(11)
+  }
+  __m512 acc[12][2];
+  SPANRT_PV_SAVE(0) SPANRT_PV_SAVE(1) SPANRT_PV_SAVE(2) SPANRT_PV_SAVE(3) SPANRT_PV_SAVE(4) SPANRT_PV_SAVE(5)
+  SPANRT_PV_SAVE(6) SPANRT_PV_SAVE(7) SPANRT_PV_SAVE(8) SPANRT_PV_SAVE(9) SPANRT_PV_SAVE(10) SPANRT_PV_SAVE(11)
+  const __mmask16 m0 = tail_mask(ncols), m1 = tail_mask(ncols > 16 ? ncols - 16 : 0);
+  for (int64_t i = 0; i < mr; ++i) {
+    _mm512_mask_storeu_ps(out + i * ldo, m0, acc[i][0]);
+    if (ncols > 16) _mm512_mask_storeu_ps(out + i * ldo + 16, m1, acc[i][1]);
+  }
+}
+#undef SPANRT_PV_ROW
+#undef SPANRT_PV_ZERO
+#undef SPANRT_PV_SAVE
+
 void attention_bf16(const AttentionArgs& g) {
   const int64_t L = g.length, d = g.head_dim, H = g.hidden, ld = 3 * H;
-  const int64_t L64 = ro_round_up(L, 64), dp = ro_round_up(d, 2), Lp = ro_round_up(L, 2), d64 = ro_round_up(d, 64);
+  const int64_t L64 = ro_round_up(L, 64), dp = ro_round_up(d, 2), Lp = ro_round_up(L, 2), d32 = ro_round_up(d, kVw);
   AttnScratch a;
   attn_carve(g.scratch, L, d, &a);
   const float* q = g.qkv + g.row0 * ld + g.head * d;
   const float* kk = q + H;
   const float* vv = q + 2 * H;
   std::memset(a.k, 0, sizeof(uint16_t) * L64 * dp);
-  std::memset(a.v, 0, sizeof(uint16_t) * d64 * Lp);
-  std::memset(a.zeros, 0, sizeof(float) * (L64 > d64 ? L64 : d64));
-  // queries and keys as bf16 rows (contiguous, vectorised); the keys then move into the kernel's
-  // panels as 32-bit pairs of head dims: contiguous writes, reads within L1
-  uint16_t* kt = a.p;  // the probability rows are free until the first row block: 64 keys x dp fit there
+  std::memset(a.v, 0, sizeof(uint16_t) * d32 * Lp);
+  std::memset(a.zeros, 0, sizeof(float) * L64);
+  // queries and keys as bf16 rows; the keys then move into the kernel's panels as 32-bit pairs of
+  // head dims: contiguous writes, reads within L1
+  uint16_t* kt = a.p;  // the probability rows are free until the first query tile: 64 keys x dp fit there
   for (int64_t t = 0; t < L; ++t) {
-    uint16_t* qr = a.q + t * dp;
-    const float* qs = q + t * ld;
-    for (int64_t c = 0; c < d; ++c) qr[c] = ro_to_bf16(qs[c]);
-    if (dp > d) qr[d] = 0;
+    to_bf16_row(q + t * ld, d, a.q + t * dp);
+    if (dp > d) a.q[t * dp + d] = 0;
   }
   for (int64_t t0 = 0; t0 < L; t0 += 64) {
     const int64_t tn = ro_min(64, L - t0);
     for (int64_t t = 0; t < tn; ++t) {
-      uint16_t* kr = kt + t * dp;
-      const float* ks = kk + (t0 + t) * ld;
-      for (int64_t c = 0; c < d; ++c) kr[c] = ro_to_bf16(ks[c]);
-      if (dp > d) kr[d] = 0;
+      to_bf16_row(kk + (t0 + t) * ld, d, kt + t * dp);
+      if (dp > d) kt[t * dp + d] = 0;
     }
     uint32_t* panel = reinterpret_cast<uint32_t*>(a.k + (t0 / 64) * 64 * dp);
     const uint32_t* src = reinterpret_cast<const uint32_t*>(kt);
     for (int64_t pr = 0; pr < dp / 2; ++pr)
       for (int64_t t = 0; t < tn; ++t) panel[pr * 64 + t] = src[t * (dp / 2) + pr];
   }
-  // values: pairs of consecutive keys per head dimension, panels of 64 dimensions
+  // values: lane c of a panel row holds (v[2r][c], v[2r+1][c]) as a bf16 pair
   for (int64_t r = 0; r < Lp / 2; ++r) {
     const float* v0 = vv + 2 * r * ld;
-    const float* v1 = 2 * r + 1 < L ? v0 + ld : nullptr;
-    for (int64_t c0 = 0; c0 < d; c0 += 64) {
-      uint32_t* out = reinterpret_cast<uint32_t*>(a.v) + ((c0 / 64) * (Lp / 2) + r) * 64;
-      const int64_t cn = ro_min(64, d - c0);
-      if (v1 != nullptr) {
-        for (int64_t c = 0; c < cn; ++c) out[c] = ro_to_bf16(v0[c0 + c]) | (static_cast<uint32_t>(ro_to_bf16(v1[c0 + c])) << 16);
-      } else {
-        for (int64_t c = 0; c < cn; ++c) out[c] = ro_to_bf16(v0[c0 + c]);
-      }
+    const bool two = 2 * r + 1 < L;
+    for (int64_t c0 = 0; c0 < d; c0 += 16) {
+      const __mmask16 mk = tail_mask(d - c0);
+      const __m512i lo = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, v0 + c0))));
+      const __m512i hi = two ? _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, v0 + ld + c0))))
+                             : _mm512_setzero_si512();
+      uint32_t* out = reinterpret_cast<uint32_t*>(a.v) + ((c0 / kVw) * (Lp / 2) + r) * kVw + c0 % kVw;
+      _mm512_mask_storeu_epi32(out, mk, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
     }
   }
   LinearView scores{};
@@ -182,25 +258,18 @@ void attention_bf16(const AttentionArgs& g) {
   scores.k_pad = dp;
   scores.n_pad = L64;
   scores.bias = a.zeros;
-  LinearView values{};
-  values.in = L;
-  values.out = d;
-  values.k_pad = Lp;
-  values.n_pad = d64;
-  values.bias = a.zeros;
   const float scale = 1.0f / __builtin_sqrtf(static_cast<float>(d));
-  for (int64_t q0 = 0; q0 < L; q0 += kMr) {
-    const int64_t mr = ro_min(kMr, L - q0);
-    for (int64_t kb = 0; kb < L64 / 64; ++kb) block(mr, scores, a.q + q0 * dp, dp, a.k + kb * 64 * dp, kb * 64, Epilogue::kBias, a.s, L64);
-    for (int64_t i = 0; i < mr; ++i) {
+  for (int64_t q0 = 0; q0 < L; q0 += kQt) {
+    const int64_t mt = ro_min(kQt, L - q0);
+    for (int64_t r = 0; r < mt; r += kMr)
+      for (int64_t kb = 0; kb < L64 / 64; ++kb)
+        block(ro_min(kMr, mt - r), scores, a.q + (q0 + r) * dp, dp, a.k + kb * 64 * dp, kb * 64, Epilogue::kBias, a.s + r * L64, L64);
+    for (int64_t i = 0; i < mt; ++i) {
       float* si = a.s + i * L64;
-      softmax512(si, L, scale);
-      uint16_t* pi = a.p + i * Lp;
-      for (int64_t j = 0; j < L; ++j) pi[j] = ro_to_bf16(si[j]);
-      if (Lp > L) pi[L] = 0;
+      scale_to_bf16(si, L, exp_row(si, L, scale), a.p + i * Lp, Lp);
     }
     float* out = g.ctx + (g.row0 + q0) * H + g.head * d;
-    for (int64_t vb = 0; vb < d64 / 64; ++vb) block(mr, values, a.p, Lp, a.v + vb * 64 * Lp, vb * 64, Epilogue::kBias, out, H);
+    for (int64_t c0 = 0; c0 < d; c0 += kVw) pv_block(mt, a.p, Lp, a.v + (c0 / kVw) * kVw * Lp, Lp / 2, ro_min(kVw, d - c0), out + c0, H);
   }
 }
 
