@@ -88,15 +88,24 @@ void i8_quantize_row(const float* x, int64_t n, int64_t k_pad, void* dst, float*
   const float s = m > 0.0f ? m / 127.0f : 1.0f;
   *scale = s;
   const __m512 inv = _mm512_set1_ps(1.0f / s);
-  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127), bias = _mm512_set1_epi32(128);
+  // 64 values a step: four int32 vectors narrowed by saturating packs (int32 -> int16 -> int8, then
+  // max -127: the same clamp), lanes put back in order, + 128 as xor 0x80. Past n the masked loads
+  // give q = 0, stored as 128: the padding up to k_pad.
+  const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  const __m512i lo = _mm512_set1_epi8(-127), flip = _mm512_set1_epi8(static_cast<char>(0x80));
   uint8_t* out = static_cast<uint8_t*>(dst);
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 mk = tail_mask(n - j);
-    __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + j), inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    q = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(q, lo), hi), bias);
-    _mm_mask_storeu_epi8(out + j, mk, _mm512_cvtusepi32_epi8(q));
+  for (int64_t j = 0; j < k_pad; j += 64) {
+    __m512i q[4];
+    for (int v = 0; v < 4; ++v) {
+      const int64_t c = j + 16 * v;
+      const __mmask16 mk = c < n ? tail_mask(n - c) : static_cast<__mmask16>(0);
+      q[v] = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + c), inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    __m512i b = _mm512_packs_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3]));
+    b = _mm512_xor_si512(_mm512_max_epi8(_mm512_permutexvar_epi32(order, b), lo), flip);
+    const int64_t left = k_pad - j;
+    _mm512_mask_storeu_epi8(out + j, left >= 64 ? ~static_cast<__mmask64>(0) : (static_cast<__mmask64>(1) << left) - 1, b);
   }
-  if (k_pad > n) std::memset(out + n, 128, static_cast<size_t>(k_pad - n));
 }
 
 void i8_pack(const void* src, int64_t out, int64_t in, int64_t k_pad, int64_t, void* dst, int32_t* comp) {

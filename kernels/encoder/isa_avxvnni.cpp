@@ -74,10 +74,10 @@ void block(int64_t mr, const LinearView& L, const uint8_t* a, int64_t lda, const
     const __m256 bias = _mm256_loadu_ps(L.bias + n);
     for (int64_t i = 0; i < mr; ++i) {
       const __m256 x = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[i][v], comp));
-      _mm256_maskstore_ps(out + i * ldo + n, mk, _mm256_fmadd_ps(x, _mm256_mul_ps(ws, _mm256_set1_ps(a_scale[i])), bias));
+      const __m256 y = _mm256_fmadd_ps(x, _mm256_mul_ps(ws, _mm256_set1_ps(a_scale[i])), bias);
+      _mm256_maskstore_ps(out + i * ldo + n, mk, ep == Epilogue::kBias ? y : activate256(ep, y));  // in registers (isa_avx512.cpp)
     }
   }
-  for (int64_t i = 0; i < mr; ++i) activate_row(ep, out + i * ldo + n0, ncols);
 }
 #undef SPANRT_ROW
 #undef SPANRT_ZERO2
