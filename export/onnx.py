@@ -270,10 +270,10 @@ def torch_logits(model: Any, batch: EncodedBatch) -> tuple[np.ndarray, np.ndarra
 
 def ort_session(path: str | Path, *, threads: int = 0, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> Any:
     """An ONNX Runtime session with the graph optimizations the runtime uses on that provider
-    (on the CPU: all but SkipLayerNormFusion, as engine.backends.onnxruntime_cpu)."""
+    (on the CPU: all but SkipLayerNormFusion, engine.backends.CPU_DISABLED_OPTIMIZERS)."""
     import onnxruntime as ort
 
-    from engine.backends.onnxruntime_cpu import CPU_DISABLED_OPTIMIZERS
+    from engine.backends import CPU_DISABLED_OPTIMIZERS
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

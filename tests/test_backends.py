@@ -13,7 +13,7 @@ from runtime_helpers import lookup_bundle, planted
 
 from engine import Engine
 from engine.backends import open_backend
-from engine.backends.onnxruntime_cuda import DeviceArray
+from engine.backends._cuda_arrays import DeviceArray
 from engine.bundle import load_bundle
 from engine.errors import BackendUnavailableError, BundleError
 

@@ -3,7 +3,10 @@
 A backend turns padded token arrays into start/end logits. It hands the logits (host NumPy arrays,
 or device arrays exposing ``__cuda_array_interface__``) to a ``consume`` callback while they are
 valid, so GPU backends can keep them on the device for the CUDA decoder and reuse their buffers
-afterwards. Each backend lives in its own module and imports its packages lazily.
+afterwards. Each backend lives in its own module and imports its packages lazily; its class
+declares what it runs (``PRECISIONS``, best first, from which bundle artifact) and says, without
+loading anything, whether it can run here (``available``). engine/backends/__init__.py's table
+and "auto" are driven by these declarations alone.
 """
 
 from __future__ import annotations
@@ -11,14 +14,20 @@ from __future__ import annotations
 import abc
 import os
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
+from engine.bundle import PRECISIONS as STORED_PRECISIONS
 from engine.bundle import Artifact, Bundle
 from engine.errors import BackendUnavailableError, BundleError
 
 T = TypeVar("T")
+
+# Every precision a backend may run: those a bundle stores models in, and bf16, which the native
+# encoder and OpenVINO compute from the fp32 weights.
+PRECISIONS = (*STORED_PRECISIONS, "bf16")
 
 # consume(start_logits, end_logits, stream): stream is the CUDA stream (an int, the
 # __cuda_array_interface__ convention) the logits were produced on, or None for host arrays.
@@ -46,12 +55,62 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-class Backend(abc.ABC):
-    """One loaded model on one runtime; ``run`` is safe to call from several threads at once."""
+@dataclass(frozen=True)
+class BackendOptions:
+    """How a backend is opened: its intra-op threads (None: the cores this process may use), the
+    GPU it runs on, and the native encoder's instruction-set cap (None: $SPANRT_CPU_ISA, else the
+    best this CPU runs). Each backend reads the fields that concern it."""
 
-    name: str  # "onnxruntime", "onnxruntime-cuda", "tensorrt", "torch", "torch-cuda"
-    precision: str  # "fp32", "fp16", "int8"
+    threads: int | None = None
+    device_id: int = 0
+    cpu_isa: str | None = None
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can run a bundle here, and if not, why (``reason``, a sentence saying what to do)."""
+
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing stands in the way (opening it may still fail on the model itself)."""
+        return self.reason is None
+
+    @classmethod
+    def probe(cls, *checks: Callable[[], object]) -> Availability:
+        """Run ``checks`` in order; the first BackendUnavailableError one raises is the reason."""
+        try:
+            for check in checks:
+                check()
+        except BackendUnavailableError as e:
+            return cls(str(e))
+        return cls()
+
+
+class Backend(abc.ABC):
+    """One loaded model on one runtime; ``run`` is safe to call from several threads at once.
+
+    The class attributes in capitals are the backend's declaration, read before anything is loaded."""
+
+    name: str  # its name in engine.backends.BACKENDS
+    precision: str  # one of PRECISIONS
     device: str  # "cpu" or "cuda"
+    # The bundle artifact format it reads ("onnx", "tensorrt", "native"; None: none, the torch
+    # reference loads the source checkpoint), and the precisions it runs, best first.
+    FORMAT: ClassVar[str | None]
+    PRECISIONS: ClassVar[tuple[str, ...]]
+    # Set when it computes every one of PRECISIONS from this one stored precision (native, OpenVINO: fp32)
+    COMPUTED_FROM: ClassVar[str | None] = None
+    # The precisions "auto" uses it for (None: all it runs; the first is what "auto" asks of it when
+    # no precision is given), and why it is left to other backends for the rest.
+    AUTO_PRECISIONS: ClassVar[tuple[str, ...] | None] = None
+    AUTO_NOTE: ClassVar[str] = ""
+    # "auto" moves on (with a warning) when opening it raises BundleError: a TensorRT plan built
+    # for another GPU or TensorRT version. Elsewhere a damaged bundle is an error.
+    AUTO_SKIPS_BUNDLE_ERRORS: ClassVar[bool] = False
+    # Added to the error when the bundle has no model for it: how to get one ({bundle}: its folder)
+    MISSING_FIX: ClassVar[str] = ""
     input_names: tuple[str, ...]
     input_dtypes: dict[str, np.dtype]
     max_batch_size: int | None = None  # a hard limit of the model (TensorRT profiles), else None
@@ -65,6 +124,40 @@ class Backend(abc.ABC):
     # Batches are padded to a multiple of this many tokens (runtimes that compile per input shape)
     pad_multiple: int = 1
     details: dict[str, Any]  # what was actually used: provider, threads, file ... (recorded, logged)
+
+    @classmethod
+    def available(cls, bundle: Bundle, options: BackendOptions, *, auto: bool = False) -> Availability:
+        """Whether it can run ``bundle`` here (its packages, its device), checked without loading the
+        model; with ``auto``, also whether "auto" should use it (a backend that runs but is slower
+        here than a later one in engine.backends.AUTO_ORDER says no)."""
+        return Availability()
+
+    @classmethod
+    def open(cls, bundle: Bundle, precision: str | None, options: BackendOptions) -> Backend:
+        """The backend loaded on ``bundle`` (``precision`` None: its default), from ``options``."""
+        return cls(bundle, precision, threads=options.threads)  # type: ignore[call-arg]
+
+    @classmethod
+    def bundle_precisions(cls, bundle: Bundle) -> tuple[str, ...]:
+        """The precisions it can run from ``bundle``'s artifacts, best first."""
+        if cls.FORMAT is None:
+            return cls.PRECISIONS
+        have = bundle.precisions(cls.FORMAT)
+        if cls.COMPUTED_FROM is not None:
+            return cls.PRECISIONS if cls.COMPUTED_FROM in have else ()
+        return tuple(p for p in cls.PRECISIONS if p in have)
+
+    @classmethod
+    def default_precision(cls, bundle: Bundle) -> str:
+        """The best precision it can run from ``bundle``, or a BackendUnavailableError naming what
+        it needs and what the bundle has."""
+        runnable = cls.bundle_precisions(bundle)
+        if runnable:
+            return runnable[0]
+        have = ", ".join(bundle.precisions(cls.FORMAT)) if cls.FORMAT else ""
+        fix = f": {cls.MISSING_FIX.format(bundle=bundle.root)}" if cls.MISSING_FIX else ""
+        raise BackendUnavailableError(f"bundle {bundle.root} has no {cls.FORMAT} model for backend {cls.name!r} "
+                                      f"(needs {' or '.join(cls.PRECISIONS)}; has {have or 'none'}){fix}")
 
     @abc.abstractmethod
     def run(self, feeds: Mapping[str, np.ndarray], consume: Consume[T]) -> T:
@@ -118,23 +211,3 @@ def require_artifact(bundle: Bundle, fmt: str, precision: str, backend: str) -> 
             f"backend {backend!r} needs the {precision} {fmt} model, but bundle {bundle.root} has {fmt} precisions: {have}. "
             f"Pick one of those precisions, or export the bundle again with {precision} (python -m export ...)")
     return art
-
-
-def first_precision(bundle: Bundle, precisions: tuple[str, ...], fmt: str, what: str) -> str:
-    """The first of ``precisions`` (best first) that the bundle has a ``fmt`` model for, or a
-    BackendUnavailableError naming what ``what`` needs and what the bundle has."""
-    have = bundle.precisions(fmt)
-    for p in precisions:
-        if p in have:
-            return p
-    raise BackendUnavailableError(f"bundle {bundle.root} has no {fmt} model for {what} (needs {' or '.join(precisions)}; "
-                                  f"has {', '.join(have) or 'none'})")
-
-
-def onnx_numpy_dtype(type_str: str) -> np.dtype:
-    """NumPy dtype of an ONNX tensor type string such as 'tensor(int64)'."""
-    table = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32, "tensor(float16)": np.float16}
-    if type_str not in table:
-        raise BundleError(f"model input/output type {type_str} is not supported (int64, int32, float, float16 are). "
-                          "Fix: export the bundle again with python -m export")
-    return np.dtype(table[type_str])

@@ -32,7 +32,9 @@ import numpy as np
 from engine.backends.base import (
     CPU_CALL_COST_TOKENS,
     CPU_MAX_BATCH_TOKENS,
+    Availability,
     Backend,
+    BackendOptions,
     Consume,
     T,
     default_threads,
@@ -86,7 +88,10 @@ def choose_isa(module: Any, cap: str | None = None) -> str:
 
 def auto_skip_reason(cap: str | None = None) -> str | None:
     """Why "auto" should not use the native encoder here (None: use it)."""
-    isa = choose_isa(import_encoder(), cap)
+    return _slower_than_onnxruntime(choose_isa(import_encoder(), cap))
+
+
+def _slower_than_onnxruntime(isa: str) -> str | None:
     if isa not in AUTO_ISAS:
         return (f"the {isa} path (portable C++, no vector instruction set this build tunes for) is slower than ONNX Runtime; "
                 "backend='native' runs it on request")
@@ -110,11 +115,38 @@ class NativeCPU(Backend):
 
     name = NAME
     device = "cpu"
+    FORMAT = FORMAT
+    PRECISIONS = PRECISIONS
+    COMPUTED_FROM = "fp32"  # INT8, BF16 or FP32 computed from the bundle's float32 weights
+    # Its INT8 and FP32 are the fastest CPU models of those precisions here; its BF16 is slower
+    # than OpenVINO's in batches.
+    AUTO_PRECISIONS = ("int8", "fp32")
+    AUTO_NOTE = "ask for backend='native' explicitly"
     max_batch_tokens = CPU_MAX_BATCH_TOKENS
     call_cost_tokens = CPU_CALL_COST_TOKENS
 
+    @classmethod
+    def available(cls, bundle: Bundle, options: BackendOptions, *, auto: bool = False) -> Availability:
+        """Whether the encoder module was built and runs the path ``options.cpu_isa`` caps it to
+        (an unknown path name is an InvalidInputError); with ``auto``, also whether that path is
+        one "auto" uses (AUTO_ISAS). A bundle whose export wrote no native weights says why."""
+        record = bundle.manifest.get("native_encoder")  # the export's word on why it wrote no weights
+        if not bundle.precisions(FORMAT) and isinstance(record, dict) and record.get("reason"):
+            return Availability(f"backend 'native' needs the fp32 native model, but bundle {bundle.root} has no native "
+                                f"encoder weights: {record['reason']}")
+        try:
+            isa = choose_isa(import_encoder(), options.cpu_isa)
+        except BackendUnavailableError as e:
+            return Availability(str(e))
+        return Availability(_slower_than_onnxruntime(isa) if auto else None)
+
+    @classmethod
+    def open(cls, bundle: Bundle, precision: str | None, options: BackendOptions) -> NativeCPU:
+        """The encoder on this CPU's best path, at most ``options.cpu_isa``."""
+        return cls(bundle, precision, threads=options.threads, cpu_isa=options.cpu_isa)
+
     def __init__(self, bundle: Bundle, precision: str | None = None, *, threads: int | None = None, cpu_isa: str | None = None) -> None:
-        precision = precision or "int8"
+        precision = precision or PRECISIONS[0]
         if precision not in PRECISIONS:
             raise BackendUnavailableError(f"backend 'native' runs {', '.join(PRECISIONS)}, not {precision}: "
                                           "use backend='onnxruntime-cuda' or 'tensorrt' for fp16 on a GPU")

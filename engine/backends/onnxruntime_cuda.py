@@ -14,28 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from engine.backends.base import Backend, Consume, T, default_threads, first_precision, require_artifact
-from engine.backends.onnxruntime_cpu import (
-    check_io,
-    import_onnxruntime,
-    open_session,
-    session_options,
-)
+from engine.backends._cuda_arrays import DeviceArray
+from engine.backends._ort import check_io, check_provider, import_onnxruntime, open_session, session_options
+from engine.backends.base import Availability, Backend, BackendOptions, Consume, T, default_threads, require_artifact
 from engine.bundle import Bundle
 from engine.errors import BackendUnavailableError
 
 PRECISIONS = ("fp16", "fp32")
 _TYPESTR = {"tensor(float)": "<f4", "tensor(float16)": "<f2", "tensor(uint8)": "|u1", "tensor(bool)": "|b1"}
-
-
-class DeviceArray:
-    """A view of CUDA memory for the decoder (``__cuda_array_interface__`` v3); ``owner`` keeps it alive."""
-
-    def __init__(self, ptr: int, shape: tuple[int, ...], typestr: str, stream: int | None, owner: Any) -> None:
-        self.owner = owner
-        self.shape = tuple(int(s) for s in shape)
-        self.__cuda_array_interface__ = {"shape": self.shape, "typestr": typestr, "data": (int(ptr), False),
-                                         "strides": None, "version": 3, "stream": stream}
 
 
 def ortvalue_view(value: Any) -> DeviceArray:
@@ -44,11 +30,6 @@ def ortvalue_view(value: Any) -> DeviceArray:
     if typestr is None:
         raise BackendUnavailableError(f"ONNX Runtime CUDA output of type {value.data_type()} is not supported by the decoder")
     return DeviceArray(value.data_ptr(), tuple(value.shape()), typestr, None, value)
-
-
-def default_precision(bundle: Bundle) -> str:
-    """FP16 when the bundle has an FP16 ONNX model, else FP32."""
-    return first_precision(bundle, PRECISIONS, "onnx", "the GPU")
 
 
 def check_available() -> None:
@@ -65,11 +46,23 @@ class OnnxRuntimeCUDA(Backend):
 
     name = "onnxruntime-cuda"
     device = "cuda"
+    FORMAT = "onnx"
+    PRECISIONS = PRECISIONS
+
+    @classmethod
+    def available(cls, bundle: Bundle, options: BackendOptions, *, auto: bool = False) -> Availability:
+        """Whether onnxruntime-gpu with its CUDA provider is installed."""
+        return Availability.probe(check_available)
+
+    @classmethod
+    def open(cls, bundle: Bundle, precision: str | None, options: BackendOptions) -> OnnxRuntimeCUDA:
+        """The backend on GPU ``options.device_id``."""
+        return cls(bundle, precision, threads=options.threads, device_id=options.device_id)
 
     def __init__(self, bundle: Bundle, precision: str | None = None, *, threads: int | None = None, device_id: int = 0) -> None:
         check_available()
         ort = import_onnxruntime()
-        precision = precision or default_precision(bundle)
+        precision = precision or self.default_precision(bundle)
         if precision not in PRECISIONS:
             raise BackendUnavailableError(
                 f"backend 'onnxruntime-cuda' runs {' or '.join(PRECISIONS)}, not {precision} "
@@ -78,17 +71,14 @@ class OnnxRuntimeCUDA(Backend):
         self.threads = threads or default_threads()
         providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
         self.session = open_session(ort, artifact, session_options(ort, self.threads), providers)
-        got = self.session.get_providers()
-        if not got or got[0] != "CUDAExecutionProvider":
-            raise BackendUnavailableError(
-                f"ONNX Runtime did not start CUDAExecutionProvider on device {device_id} (the session got {got}): "
-                "check the NVIDIA driver, CUDA and cuDNN versions that onnxruntime-gpu needs")
+        provider = check_provider(self.session, "CUDAExecutionProvider",
+                                  f"check GPU {device_id}, and the NVIDIA driver, CUDA and cuDNN versions that onnxruntime-gpu needs")
         self.input_dtypes = check_io(self.session, bundle, artifact)
         self.input_names = bundle.input_names
         self.precision = precision
         self.device_id = device_id
         self._ort = ort
-        self.details = {"provider": got[0], "device_id": device_id, "file": artifact.path.name, "io_binding": True,
+        self.details = {"provider": provider, "device_id": device_id, "file": artifact.path.name, "io_binding": True,
                         "onnxruntime": ort.__version__}
 
     def run(self, feeds: Mapping[str, np.ndarray], consume: Consume[T]) -> T:

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.backends.base import Backend, Consume, T, require_artifact
-from engine.backends.onnxruntime_cuda import DeviceArray
+from engine.backends._cuda_arrays import DeviceArray
+from engine.backends.base import Availability, Backend, BackendOptions, Consume, T, require_artifact
 from engine.bundle import Bundle, check_tensorrt_plan
 from engine.errors import BackendUnavailableError, BundleError
 
@@ -59,27 +59,31 @@ def cuda_check(cudart: Any, result: Any) -> Any:
     return values[0] if len(values) == 1 else tuple(values)
 
 
-def default_precision(bundle: Bundle) -> str:
-    """FP16 when the bundle has an FP16 plan, else INT8, else FP32."""
-    have = bundle.precisions("tensorrt")
-    for p in PRECISIONS:
-        if p in have:
-            return p
-    raise BackendUnavailableError(
-        f"bundle {bundle.root} has no TensorRT plan: build one on this GPU with python -m export build-trt {bundle.root}")
-
-
 class TensorRT(Backend):
     """A TensorRT engine with device buffers sized for its largest profile."""
 
     name = "tensorrt"
     device = "cuda"
+    FORMAT = "tensorrt"
+    PRECISIONS = PRECISIONS
+    AUTO_SKIPS_BUNDLE_ERRORS = True  # a plan for another GPU or TensorRT version: "auto" moves on, loudly
+    MISSING_FIX = "build one on this GPU with python -m export build-trt {bundle}"
+
+    @classmethod
+    def available(cls, bundle: Bundle, options: BackendOptions, *, auto: bool = False) -> Availability:
+        """Whether TensorRT and cuda-python are installed."""
+        return Availability.probe(import_tensorrt, import_cudart)
+
+    @classmethod
+    def open(cls, bundle: Bundle, precision: str | None, options: BackendOptions) -> TensorRT:
+        """The backend on GPU ``options.device_id``."""
+        return cls(bundle, precision, threads=options.threads, device_id=options.device_id)
 
     def __init__(self, bundle: Bundle, precision: str | None = None, *, threads: int | None = None, device_id: int = 0) -> None:
         trt = import_tensorrt()
         cudart = import_cudart()
         self._cudart = cudart
-        precision = precision or default_precision(bundle)
+        precision = precision or self.default_precision(bundle)
         artifact = require_artifact(bundle, "tensorrt", precision, self.name)
         try:
             cuda_check(cudart, cudart.cudaSetDevice(device_id))

@@ -15,7 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from engine.backends.base import CPU_CALL_COST_TOKENS, CPU_MAX_BATCH_TOKENS, Backend, Consume, T, default_threads
+from engine.backends.base import (
+    CPU_CALL_COST_TOKENS,
+    CPU_MAX_BATCH_TOKENS,
+    Availability,
+    Backend,
+    BackendOptions,
+    Consume,
+    T,
+    default_threads,
+)
 from engine.bundle import Bundle, sha256_file
 from engine.errors import BackendUnavailableError, BundleError
 
@@ -58,17 +67,39 @@ def source_checkpoint(bundle: Bundle) -> Path:
     return p
 
 
+def _check_cuda() -> None:
+    torch, _ = import_torch()
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError(f"backend 'torch-cuda' needs a CUDA build of torch and a GPU (torch {torch.__version__} sees none)")
+
+
 class TorchBackend(Backend):
-    """transformers' *ForQuestionAnswering on torch, in inference mode."""
+    """transformers' *ForQuestionAnswering on torch, in inference mode, on the CPU (``torch``) or a
+    GPU (``torch-cuda``, the TorchCUDA subclass)."""
+
+    name = "torch"
+    device = "cpu"
+    FORMAT = None  # the source checkpoint, not a bundle artifact
+    PRECISIONS = PRECISIONS
+
+    @classmethod
+    def available(cls, bundle: Bundle, options: BackendOptions, *, auto: bool = False) -> Availability:
+        """Whether torch and transformers are installed (and for torch-cuda, a GPU torch sees)."""
+        return Availability.probe(import_torch, *((_check_cuda,) if cls.device == "cuda" else ()))
+
+    @classmethod
+    def open(cls, bundle: Bundle, precision: str | None, options: BackendOptions) -> TorchBackend:
+        """The checkpoint on this class's device."""
+        return cls(bundle, precision, threads=options.threads, device=cls.device, device_id=options.device_id)
 
     def __init__(self, bundle: Bundle, precision: str | None = None, *, threads: int | None = None,
                  device: str = "cpu", device_id: int = 0) -> None:
         torch, transformers = import_torch()
-        precision = precision or "fp32"
+        precision = precision or PRECISIONS[0]
         if precision not in PRECISIONS:
             raise BackendUnavailableError(f"the torch backend runs {' or '.join(PRECISIONS)}, not {precision}")
-        if device == "cuda" and not torch.cuda.is_available():
-            raise BackendUnavailableError(f"backend 'torch-cuda' needs a CUDA build of torch and a GPU (torch {torch.__version__} sees none)")
+        if device == "cuda":
+            _check_cuda()
         checkpoint = source_checkpoint(bundle)
         self.threads = threads or default_threads()
         if device == "cpu":
@@ -116,3 +147,10 @@ class TorchBackend(Backend):
     def close(self) -> None:
         """Drop the model."""
         self.model = None
+
+
+class TorchCUDA(TorchBackend):
+    """The torch reference on an NVIDIA GPU."""
+
+    name = "torch-cuda"
+    device = "cuda"
