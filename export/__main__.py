@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
@@ -142,10 +143,77 @@ def _build_trt(argv: list[str]) -> int:
     return 0
 
 
-def _triton(argv: list[str]) -> int:
-    from export.triton import main as triton_main
+def _triton_parser() -> argparse.ArgumentParser:
+    from engine.backends import PRECISIONS
+    from export.triton_options import TritonOptions
 
-    return triton_main(argv)
+    d = TritonOptions()  # the defaults, written once there
+    p = argparse.ArgumentParser(prog="python -m export triton",
+                                description="Write a Triton Inference Server model repository from a SpanRT bundle: "
+                                            "--target cpu, one Python-backend model running engine.Engine; --target gpu, "
+                                            "an ensemble tokenize -> ONNX model or TensorRT plan -> decode.")
+    p.add_argument("bundle_dir", metavar="BUNDLE_DIR")
+    p.add_argument("--out", required=True, metavar="REPO_DIR", help="repository folder to create")
+    p.add_argument("--target", choices=("gpu", "cpu"), default=d.target,
+                   help="cpu: engine.Engine in the Python backend (any tritonserver); gpu: the ensemble (default)")
+    p.add_argument("--model", choices=("auto", "onnx", "tensorrt"), default=d.model,
+                   help="what spanrt_model serves (auto: the TensorRT plan when the bundle has one and --kind is gpu)")
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="default: the best the bundle has for the backend chosen (GPU: fp16, CPU: int8; else fp32); "
+                        "--target cpu: the Engine's default")
+    p.add_argument("--kind", choices=("gpu", "cpu"), default=d.kind, help="--target gpu: where spanrt_model's instances run")
+    p.add_argument("--instances", type=int, default=d.instances,
+                   help="spanrt_model instances per GPU (or on the CPU); --target cpu: Engine instances (each its own process)")
+    p.add_argument("--python-instances", type=int, default=d.python_instances, help="instances of each Python stage")
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
+                   help="windows per model batch (capped by a plan's profiles); --target cpu: requests per dynamic batch")
+    p.add_argument("--max-queue-delay-us", type=int, default=d.max_queue_delay_us, help="dynamic batcher delay (default 1000)")
+    p.add_argument("--max-queue-size", type=int, default=d.max_queue_size,
+                   help="queued requests at spanrt_model before rejecting; 0: no limit")
+    p.add_argument("--length-buckets", type=_ints, default=d.length_buckets, help="padded window lengths (default: the plan's "
+                   "profiles, else 64,128,256; max_seq_len is always the last)")
+    p.add_argument("--top-k", type=int, default=d.top_k)
+    p.add_argument("--max-answer-len", type=int, default=d.max_answer_len)
+    p.add_argument("--max-question-len", type=int, default=d.max_question_len)
+    p.add_argument("--doc-stride", type=int, default=d.doc_stride)
+    p.add_argument("--handle-impossible", action="store_true")
+    p.add_argument("--null-threshold", type=float, default=d.null_threshold)
+    p.add_argument("--no-align-to-words", action="store_true")
+    p.add_argument("--backend", default=d.backend, help="--target cpu: the Engine's backend (default auto)")
+    p.add_argument("--threads", type=int, default=d.threads, help="--target cpu: the Engine's intra-op threads (default: all cores)")
+    p.add_argument("--max-context-bytes", type=int, default=d.max_context_bytes,
+                   help="--target cpu: longer contexts get an error response (default 256 KiB)")
+    p.add_argument("--python-env", default=d.python_env, metavar="DIR",
+                   help="--target cpu: the Python environment the backend stub runs (EXECUTION_ENV_PATH; "
+                        "python -m engine.serve --make-python-env DIR makes one)")
+    p.add_argument("--validate", action="store_true", help='parse the configs with Triton\'s schema (needs tritonclient[grpc])')
+    p.add_argument("--force", action="store_true", help="replace a repository this command wrote before")
+    return p
+
+
+def _triton(argv: list[str]) -> int:
+    """Write (and with --validate check) a Triton model repository."""
+    a = _triton_parser().parse_args(argv)
+    from export.triton import CPU_MODEL, DECODE, ENSEMBLE, MARKER, MODEL, TOKENIZE, TritonOptions, write_repository
+    from export.triton_check import validate_repository
+
+    opts = TritonOptions(target=a.target, backend=a.backend, threads=a.threads, max_context_bytes=a.max_context_bytes,
+                         python_env=a.python_env, model=a.model, precision=a.precision, kind=a.kind, instances=a.instances,
+                         python_instances=a.python_instances, max_batch_size=a.max_batch_size,
+                         max_queue_delay_us=a.max_queue_delay_us, max_queue_size=a.max_queue_size, length_buckets=a.length_buckets,
+                         max_question_len=a.max_question_len, doc_stride=a.doc_stride, top_k=a.top_k,
+                         max_answer_len=a.max_answer_len, handle_impossible=a.handle_impossible, null_threshold=a.null_threshold,
+                         align_to_words=not a.no_align_to_words, force=a.force)
+    repo = write_repository(a.bundle_dir, a.out, opts)
+    if a.validate:
+        validate_repository(repo)
+    validated = "; configs validated against Triton's schema" if a.validate else ""
+    if opts.target == "cpu":
+        print(f"{repo}: {CPU_MODEL} = engine.Engine (backend {opts.backend}) in Triton's Python backend, dynamic batching{validated}")
+        return 0
+    marker = json.loads((repo / MARKER).read_text(encoding="utf-8"))
+    print(f"{repo}: {ENSEMBLE} = {TOKENIZE} -> {MODEL} ({marker['platform']}, {marker['served']}) -> {DECODE}{validated}")
+    return 0
 
 
 SUBCOMMANDS = {"finetune": _finetune, "build-trt": _build_trt, "triton": _triton}

@@ -28,6 +28,7 @@ from tritonclient.grpc import model_config_pb2 as mc  # noqa: E402
 
 from engine import Engine  # noqa: E402
 from export.errors import ExportError  # noqa: E402
+from export.__main__ import main as export_main  # noqa: E402
 from export.triton import (  # noqa: E402
     CPU_MODEL,
     DECODE,
@@ -36,10 +37,9 @@ from export.triton import (  # noqa: E402
     MODEL,
     TOKENIZE,
     TritonOptions,
-    main,
-    validate_repository,
     write_repository,
 )
+from export.triton_check import validate_repository  # noqa: E402
 
 ANSWER = "Zanzibar Island"
 PAIRS = [
@@ -325,18 +325,22 @@ def test_target_folder_rules(bundle: Path, tmp_path: Path) -> None:
 
 
 def test_command_line(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([str(bundle), "--out", str(tmp_path / "repo"), "--kind", "cpu", "--top-k", "2", "--validate"]) == 0
+    assert export_main(["triton", str(bundle), "--out", str(tmp_path / "repo"), "--kind", "cpu", "--top-k", "2", "--validate"]) == 0
     assert "validated" in capsys.readouterr().out
     assert parse(tmp_path / "repo", DECODE).parameters["top_k"].string_value == "2"
 
 
-def test_python_m_export_triton_is_registered(bundle: Path, tmp_path: Path) -> None:
-    import export.__main__ as cli
+def test_python_m_export_triton_runs_as_a_command(bundle: Path, tmp_path: Path) -> None:
+    import subprocess
 
-    if "triton" not in cli.SUBCOMMANDS:
-        pytest.skip("export/__main__.py does not register the 'triton' subcommand yet (see the deployment report)")
-    assert cli.main(["triton", str(bundle), "--out", str(tmp_path / "repo"), "--kind", "cpu"]) == 0
+    run = subprocess.run([sys.executable, "-m", "export", "triton", str(bundle), "--out", str(tmp_path / "repo"), "--kind", "cpu"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert f"{ENSEMBLE} = {TOKENIZE} -> {MODEL} (onnxruntime_onnx, model.fp32.onnx) -> {DECODE}" in run.stdout
     assert (tmp_path / "repo" / MODEL / "1" / "model.onnx").is_file()
+    run = subprocess.run([sys.executable, "-m", "export", "triton", str(bundle), "--out", str(tmp_path / "repo")],
+                         capture_output=True, text=True, timeout=300)
+    assert (run.returncode, run.stderr.strip()) == (1, f"error: {tmp_path / 'repo'} already exists; pass --force to replace it")
 
 
 def test_model_py_needs_no_torch_and_no_triton_to_import(tmp_path: Path, bundle: Path) -> None:
@@ -387,7 +391,7 @@ def test_cpu_repository_is_one_python_model_over_the_copied_bundle(bundle: Path,
         TritonOptions(target="cpu", model="tensorrt")
     with pytest.raises(ExportError, match="--backend must be"):
         write_repository(bundle, tmp_path / "r2", TritonOptions(target="cpu", backend="magic"))
-    assert main([str(bundle), "--out", str(tmp_path / "r3"), "--target", "cpu", "--validate"]) == 0
+    assert export_main(["triton", str(bundle), "--out", str(tmp_path / "r3"), "--target", "cpu", "--validate"]) == 0
 
 
 def rows(pairs: list[tuple[str, str]], **options: np.ndarray) -> FakeRequest:
@@ -433,3 +437,37 @@ def test_cpu_model_answers_a_dynamic_batch_as_the_engine_and_isolates_bad_reques
     check(out[2].outputs, 1, engine.answer(*PAIRS[3], top_k=3))  # type: ignore[arg-type]
     check(out[2].outputs, 2, [engine.answer(*PAIRS[4], handle_impossible=True)])
     model.finalize()
+
+
+# ---- what spanrt_model serves: engine.backends' registry decides ------------------------------------------
+def test_the_served_model_is_chosen_by_the_backend_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.backends.onnxruntime_cpu import OnnxRuntimeCPU
+    from engine.bundle import load_bundle
+    from export.triton_config import choose_backend
+
+    root = lookup_bundle(tmp_path / "b", **planted(ANSWER), precisions=("fp32", "int8", "fp16"))
+    manifest = json.loads((root / "manifest.json").read_text())
+    for precision in ("fp32", "int8"):  # plans listed fp32 first: the backend's own order (fp16, int8, fp32) decides
+        (root / f"model.{precision}.plan").write_bytes(b"not a real plan")
+        manifest["artifacts"].append({"path": f"model.{precision}.plan", "format": "tensorrt", "precision": precision,
+                                      "sha256": hashlib.sha256(b"not a real plan").hexdigest()})
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    b = load_bundle(root)
+
+    def served(**options: Any) -> tuple[str, str]:
+        backend, artifact = choose_backend(b, TritonOptions(**options))
+        return backend.name, artifact.path.name
+
+    assert served() == ("tensorrt", "model.int8.plan")
+    assert served(precision="fp32") == ("tensorrt", "model.fp32.plan")
+    assert served(precision="fp16") == ("onnxruntime-cuda", "model.fp16.onnx")  # no fp16 plan: the next backend in auto order
+    assert served(model="onnx") == ("onnxruntime-cuda", "model.fp16.onnx")
+    assert served(kind="cpu") == ("onnxruntime", "model.int8.onnx")
+    with pytest.raises(ExportError, match="onnxruntime-cuda runs fp16 or fp32"):  # as Engine refuses int8 on ONNX Runtime CUDA
+        served(model="onnx", precision="int8")
+    with pytest.raises(ExportError, match="onnxruntime runs int8 or fp32"):
+        served(kind="cpu", precision="fp16")
+    monkeypatch.setattr(OnnxRuntimeCPU, "PRECISIONS", ("fp32", "int8"))  # the backend's one declaration
+    assert served(kind="cpu") == ("onnxruntime", "model.fp32.onnx")
+    with pytest.raises(ExportError, match="build-trt"):
+        choose_backend(load_bundle(lookup_bundle(tmp_path / "c", **planted(ANSWER))), TritonOptions(model="tensorrt"))

@@ -25,7 +25,8 @@ from runtime_helpers import lookup_bundle, planted
 from engine import Answer, Engine
 from engine.errors import BackendUnavailableError
 from engine.serve import TritonServer, check_python_env, default_python_env, find_tritonserver, free_ports, start_triton
-from export.triton import CPU_MODEL, TritonOptions, validate_repository, write_repository
+from export.triton import CPU_MODEL, TritonOptions, write_repository
+from export.triton_check import validate_repository
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 httpx = pytest.importorskip("httpx")
