@@ -152,7 +152,7 @@ const IsaKernels& avx2_kernels(bool vnni) {
     IsaKernels k{};
     k.isa = Isa::kAvx2;
     k.name = "avx2";
-    k.gemm[static_cast<int>(Precision::kInt8)] = avx2::ro_gemm_kernel(avx2::kI8G, avx2::kI8Nb, 1, false, 2, avx2::i8_packed_bytes, avx2::i8_pack, avx2::ro_quantize_s16, avx2::i8_gemm);
+    k.gemm[static_cast<int>(Precision::kInt8)] = avx2::ro_gemm_kernel(avx2::kI8G, avx2::kI8Nb, 1, false, 2, avx2::i8_packed_bytes, avx2::i8_pack, avx2::quantize_s16_row, avx2::i8_gemm);
     avx2::fill_f32(k);
     avx2::ro_describe(k, "int8, AVX2 vpmaddwd on int16-widened operands (int32 sums, no saturation)", "fp32, AVX2 FMA");
     return k;

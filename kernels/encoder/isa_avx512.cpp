@@ -78,7 +78,7 @@ constexpr int64_t kI8G = 4;
 
 size_t i8_packed_bytes(int64_t n_pad, int64_t k_pad) { return static_cast<size_t>(n_pad * k_pad); }
 
-// One row as q + 128 (u8), per-token scale amax / 127; the same numbers as ro_quantize_u8 (round
+// One row as q + 128 (u8), per-token scale amax / 127; the same numbers as ro_quantize_s8, stored + 128 (round
 // half to even of x * (1 / scale)), in intrinsics: GCC's auto-vectorised float -> u8 narrowing was
 // 13 % of a forward pass.
 void i8_quantize_row(const float* x, int64_t n, int64_t k_pad, void* dst, float* scale) {

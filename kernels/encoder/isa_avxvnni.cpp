@@ -96,7 +96,7 @@ void gemm(const LinearView& L, const void* a, int64_t lda, const float* a_scale,
 }  // namespace avxvnni
 
 void avxvnni_fill(IsaKernels& k) {
-  k.gemm[static_cast<int>(Precision::kInt8)] = avxvnni::ro_gemm_kernel(avxvnni::kG, avxvnni::kNb, 1, true, 1, avxvnni::packed_bytes, avxvnni::pack, avxvnni::ro_quantize_u8, avxvnni::gemm);
+  k.gemm[static_cast<int>(Precision::kInt8)] = avxvnni::ro_gemm_kernel(avxvnni::kG, avxvnni::kNb, 1, true, 1, avxvnni::packed_bytes, avxvnni::pack, avxvnni::quantize_u8_row, avxvnni::gemm);
   k.linear_desc[static_cast<int>(Precision::kInt8)] = "int8, AVX-VNNI vpdpbusd ymm (u8 + 128 compensation, int32 sums)";
 }
 

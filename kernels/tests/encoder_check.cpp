@@ -6,11 +6,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "cpu_features.h"
+#include "microkernels.h"
 #include "spanrt/encoder.h"
 
 namespace {
@@ -238,6 +240,52 @@ void run_model(const char* label, const Model& m) {
   }
 }
 
+// Every path's int8 quantizer gives the same values as the portable one: round half to even of
+// fl(x * (1 / scale)), clamped to [-127, 127] (the decision that makes paths agree; an FMA that
+// rounds the exact product flips values that lie near .5 after the multiply). Rows of several
+// lengths (vector tails, K padding) with values placed on and around the rounding points.
+void check_quantizers() {
+  using spanrt::encoder::GemmKernel;
+  const GemmKernel& ref = spanrt::encoder::kernels_for(spanrt::encoder::Isa::kGeneric).gemm[0];
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  for (auto isa : spanrt::encoder::runnable_isas()) {
+    const GemmKernel& g = spanrt::encoder::kernels_for(isa).gemm[0];
+    int bad = 0;
+    for (int64_t n : {1, 7, 24, 37, 100, 384, 1536}) {
+      std::vector<float> x(static_cast<size_t>(n));
+      for (int trial = 0; trial < 40; ++trial) {
+        const float scale = std::fabs(normal(rng)) / 127.0f + 1e-3f;
+        for (auto& v : x) {
+          const float q = static_cast<float>(static_cast<int>(rng() % 255) - 127);
+          v = trial % 2 == 0 ? normal(rng) : (q + 0.5f + 1e-6f * normal(rng)) * scale;  // near the .5 points
+        }
+        x[0] = 127.0f * scale;  // sets the row's scale exactly
+        const int64_t k_ref = (n + ref.k_step - 1) / ref.k_step * ref.k_step, k_pad = (n + g.k_step - 1) / g.k_step * g.k_step;
+        std::vector<int8_t> want(static_cast<size_t>(k_ref));
+        std::vector<uint8_t> got(static_cast<size_t>(k_pad * static_cast<int64_t>(g.act_bytes)) + 64);
+        float s_ref = 0, s_got = 0;
+        ref.quantize_row(x.data(), n, k_ref, want.data(), &s_ref);
+        g.quantize_row(x.data(), n, k_pad, got.data(), &s_got);
+        if (s_ref != s_got) ++bad;
+        for (int64_t j = 0; j < k_pad; ++j) {
+          int v;
+          if (g.act_bytes == 2) {
+            int16_t h;
+            std::memcpy(&h, got.data() + 2 * j, 2);
+            v = h;
+          } else {
+            v = g.act_u8 ? static_cast<int>(got[static_cast<size_t>(j)]) - 128 : static_cast<int>(static_cast<int8_t>(got[static_cast<size_t>(j)]));
+          }
+          if (v != (j < n ? want[static_cast<size_t>(j)] : 0)) ++bad;
+        }
+      }
+    }
+    check(bad == 0, std::string(spanrt::encoder::isa_name(isa)) + " int8 quantizer differs from the portable one in " + std::to_string(bad) + " values");
+    std::printf("%-28s int8 quantizer %s\n", spanrt::encoder::isa_name(isa), bad == 0 ? "= portable" : "DIFFERS");
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -247,6 +295,7 @@ int main() {
   std::printf("\n");
   // BERT-shaped (head size 24: padded head dimensions; intermediate 100: K tails), then an
   // ELECTRA-shaped model (embeddings 32 wide, projected to 48) with RoBERTa's position offset.
+  check_quantizers();
   run_model("bert 48/2/100", make_model(48, 48, 2, 100, 2, 0, 1));
   run_model("electra 32->48", make_model(32, 48, 3, 64, 1, 2, 2));
   Model tanh_gelu = make_model(48, 48, 2, 100, 2, 0, 4);  // ALBERT's activation: GELU's tanh approximation
