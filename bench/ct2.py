@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.systems import Prediction, System, SystemUnavailable
+from bench.base import Prediction, System, SystemUnavailable
 
 CT2_HINT = 'pip install "spanrt[bench]"  (CTranslate2 wheels: x86-64 and aarch64 Linux, macOS, Windows)'
 COMPUTE_TYPES = {"int8": "int8", "fp32": "float32"}  # the peer's precision -> CTranslate2's compute_type

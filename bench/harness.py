@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.systems import Artifacts, QASettings, SystemSpec
+from bench.base import Artifacts
+from bench.systems import QASettings, SystemSpec
 from bench.worker import serve
 
 RECV_POLL_S = 1.0

@@ -28,17 +28,15 @@ import datetime as dt
 import json
 import random
 import sys
-import tempfile
 import threading
 import time
-import types
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench.dataset import DEFAULT_DATA
+from bench.load_triton import TritonCaller, process_tree_cpu, triton_server
 from bench.machine import git_info, machine_info, package_versions
 from engine.api import DEFAULT_MAX_BATCH_SIZE
 
@@ -166,69 +164,6 @@ def cpu_cost(eng: Any, pairs: list[tuple[str, str]], batch: int) -> dict[str, fl
             "batched_cpu_ms_per_answer": 1000 * many / len(pairs), "cpu_saving": 1 - many / one, "same_answer_rate": same}
 
 
-class TritonCaller:
-    """``call(question, context)`` against a Triton server over gRPC, one connection per client
-    thread (tritonclient's advice); returns an object with the best answer's ``text``."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._connections: list[Any] = []
-
-    def __call__(self, question: str, context: str) -> Any:
-        import tritonclient.grpc as grpcclient
-
-        from export.triton import CPU_MODEL
-
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = grpcclient.InferenceServerClient(self.url)
-            with self._lock:
-                self._connections.append(conn)
-        inputs = []
-        for name, text in (("QUESTION", question), ("CONTEXT", context)):
-            t = grpcclient.InferInput(name, [1, 1], "BYTES")
-            t.set_data_from_numpy(np.array([[text.encode("utf-8")]], dtype=np.object_))
-            inputs.append(t)
-        result = conn.infer(CPU_MODEL, inputs, client_timeout=120)
-        return types.SimpleNamespace(text=result.as_numpy("ANSWER")[0][0].decode("utf-8"))
-
-    def close(self) -> None:
-        """Close every connection."""
-        for conn in self._connections:
-            conn.close()
-
-
-def _process_tree_cpu(pid: int) -> float:
-    """CPU seconds of a process and its children (tritonserver and its Python-backend stubs)."""
-    import psutil
-
-    root = psutil.Process(pid)
-    total = 0.0
-    for proc in (root, *root.children(recursive=True)):
-        try:
-            t = proc.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += t.user + t.system + t.children_user + t.children_system
-    return total
-
-
-@contextlib.contextmanager
-def _triton_server(args: argparse.Namespace, bundle: Path, max_batch: int) -> Iterator[Any]:
-    """A tritonserver on 127.0.0.1 serving ``bundle`` as the BatchingEngine phase is configured."""
-    from engine.serve import start_triton
-    from export.triton import TritonOptions, write_repository
-
-    with tempfile.TemporaryDirectory(prefix="spanrt-load-triton-") as tmp:
-        opts = TritonOptions(target="cpu", backend=args.backend, precision=args.precision, threads=args.threads,
-                             max_batch_size=max_batch, max_queue_delay_us=round(args.max_delay_ms * 1000), instances=1)
-        repo = write_repository(bundle, Path(tmp) / "repo", opts)
-        with start_triton(repo, python_env=args.triton_python_env, timeout_s=600) as server:
-            yield server
-
-
 def run_load(args: argparse.Namespace) -> dict[str, Any]:
     """Run the phases; returns the load document."""
     from bench.soak import _bundle_for
@@ -260,7 +195,7 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
         return {"settings": {"max_batch_size": max_batch, "engine_batch": args.engine_batch, "model": args.model},
                 "cpu_cost": cost}
     with contextlib.ExitStack() as stack:
-        triton = stack.enter_context(_triton_server(args, bundle, max_batch)) if args.triton else None
+        triton = stack.enter_context(triton_server(args, bundle, max_batch)) if args.triton else None
         caller = TritonCaller(triton.grpc_url) if triton is not None else None
         if caller is not None:
             stack.callback(caller.close)
@@ -278,7 +213,7 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
         _progress(phases[-1])
         if triton is not None and caller is not None:  # one client: Triton's per-request cost over the Engine's
             alone = closed_loop(caller, pairs, clients=1, requests=args.single_requests, duration=args.duration,
-                                cpu_seconds=lambda pid=triton.process.pid: time.process_time() + _process_tree_cpu(pid))
+                                cpu_seconds=lambda pid=triton.process.pid: time.process_time() + process_tree_cpu(pid))
             phases.append({"phase": "triton-single", "repeat": 0, **alone})
             _progress(phases[-1])
         for r in range(args.repeats):
@@ -294,7 +229,7 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
             if triton is not None and caller is not None:
                 pid = triton.process.pid
                 served = closed_loop(caller, pairs, clients=args.clients, requests=args.requests, duration=args.duration,
-                                     cpu_seconds=lambda pid=pid: time.process_time() + _process_tree_cpu(pid))
+                                     cpu_seconds=lambda pid=pid: time.process_time() + process_tree_cpu(pid))
                 phases.append({"phase": "triton", "repeat": r, **served})
                 _progress(phases[-1])
     doc = _summarize(args, phases, used, started, max_batch)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.systems import Artifacts, Prediction, System, SystemUnavailable
+from bench.base import Prediction, System, SystemUnavailable
 
 BENCH_EXTRA_HINT = 'pip install "spanrt[bench]"  (on CPU-only machines: pip install torch==2.13.0 first)'
 OPTIMUM_INT8_FILE = "model_quantized.onnx"

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.systems import SYSTEMS_BY_NAME, Artifacts, SystemSpec, SystemUnavailable
+from bench.base import Artifacts, SystemUnavailable
+from bench.systems import SYSTEMS_BY_NAME, SystemSpec
 
 
 @dataclass(frozen=True)

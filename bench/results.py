@@ -15,7 +15,8 @@ from bench.dataset import Questions, subset_json
 from bench.harness import SystemRun
 from bench.peak import model_throughput
 from bench.squad_eval import score
-from bench.systems import BASELINE, STAGES
+from bench.base import STAGES
+from bench.systems import BASELINE
 
 SCHEMA_VERSION = 2  # 2: machine peaks, model share of peak, accuracy and agreement per batch size, CTranslate2 peers
 PERCENTILES = (50, 90, 99)

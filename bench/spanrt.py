@@ -6,7 +6,7 @@ import importlib
 import importlib.util
 from typing import Any
 
-from bench.systems import Prediction, System, SystemUnavailable
+from bench.base import Prediction, System, SystemUnavailable
 
 # the package each backend loads the model with; imported in import_libraries when installed
 _BACKEND_PACKAGES = {"onnxruntime": "onnxruntime", "onnxruntime-cuda": "onnxruntime", "tensorrt": "tensorrt",

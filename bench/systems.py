@@ -1,21 +1,22 @@
-"""The systems the bench compares: one spec per system, one small interface every system implements.
+"""The systems the bench compares: one spec per system, and the runner class of each kind, by name.
 
 A system is what a user would run to answer SQuAD questions: a peer (the Hugging Face
 question-answering pipeline over PyTorch or over Optimum's ONNX Runtime model, or CTranslate2's
 Encoder with a NumPy QA head and span decode) or SpanRT on one
 backend and precision. Each runs in its own process (bench.worker) so that its load time and
-peak memory are its own.
+peak memory are its own. The interface every system implements is bench.base.System.
 """
 
 from __future__ import annotations
 
-import abc
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+import importlib
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bench.base import Artifacts, System
 
 BASELINE = "transformers-pytorch-fp32"
-STAGES = ("tokenize", "model", "decode")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,13 @@ class SystemSpec:
     # The native encoder's instruction-set cap (engine option cpu_isa): a lower path measured on the same machine.
     cpu_isa: str | None = None
 
+    @property
+    def runner(self) -> str:
+        """The name of the RUNNERS entry that runs this system."""
+        if self.family == "spanrt":
+            return "spanrt"
+        return "ctranslate2" if self.backend == "ctranslate2" else "pipeline"
+
 
 SYSTEMS: tuple[SystemSpec, ...] = (
     SystemSpec(BASELINE, "peer", "pytorch", "fp32", "cpu",
@@ -82,85 +90,17 @@ SYSTEMS: tuple[SystemSpec, ...] = (
     SystemSpec("spanrt-torch-cuda-fp16", "spanrt", "torch-cuda", "fp16", "cuda", "SpanRT, PyTorch CUDA, fp16"),
 )
 SYSTEMS_BY_NAME = {s.name: s for s in SYSTEMS}
-
-
-class SystemUnavailable(Exception):
-    """The system cannot run on this machine; the message says what is missing and how to get it."""
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One system's best answer to one question (character offsets into the context)."""
-
-    text: str
-    start: int | None
-    end: int | None
-    score: float
-
-
-@dataclass
-class Artifacts:
-    """Files a system loads, prepared before it is timed (export time is not load time)."""
-
-    checkpoint: Path | None = None  # Hugging Face checkpoint folder (peers)
-    onnx_dir: Path | None = None  # Optimum export folder (optimum peers)
-    onnx_file: str | None = None
-    model_dir: Path | None = None  # CTranslate2 model folder (CTranslate2 peers)
-    bundle: Path | None = None  # SpanRT bundle folder
-    prepare_s: float = 0.0
-    notes: dict[str, Any] = field(default_factory=dict)
-
-
-class System(abc.ABC):
-    """A loaded question-answering system, driven by the bench worker."""
-
-    def __init__(self, spec: SystemSpec, artifacts: Artifacts, settings: QASettings, *, threads: int, max_batch_size: int) -> None:
-        self.spec = spec
-        self.artifacts = artifacts
-        self.settings = settings
-        self.threads = threads
-        self.max_batch_size = max_batch_size
-        self._stage_s = dict.fromkeys(STAGES, 0.0)
-
-    @abc.abstractmethod
-    def import_libraries(self) -> None:
-        """Import the packages this system needs (timed apart from loading the model)."""
-
-    @abc.abstractmethod
-    def load(self) -> dict[str, Any]:
-        """Load the model; return what was actually used (backend, precision, provider, threads...)."""
-
-    @abc.abstractmethod
-    def answer(self, questions: list[str], contexts: list[str], batch_size: int) -> list[Prediction]:
-        """Answer the questions in one call, batching as the system does at ``batch_size``."""
-
-    def close(self) -> None:
-        """Free the model."""
-
-    def stage_seconds(self) -> dict[str, float]:
-        """Seconds spent in tokenize / model / decode since the last reset (what the system lets us see)."""
-        return dict(self._stage_s)
-
-    def reset_stages(self) -> None:
-        """Zero the stage counters."""
-        self._stage_s = dict.fromkeys(STAGES, 0.0)
+# The class that runs each kind of system ("module:Class"), imported only when a system is made: the
+# runners import bench.base, never this table, so the table and the systems form no import cycle.
+RUNNERS = {"pipeline": "bench.peers:PipelineSystem", "ctranslate2": "bench.ct2:CTranslate2System",
+           "spanrt": "bench.spanrt:SpanRTSystem"}
 
 
 def make_system(spec: SystemSpec, artifacts: Artifacts, settings: QASettings, *, threads: int, max_batch_size: int) -> System:
-    """The System object for ``spec`` (nothing is imported or loaded yet)."""
-    if spec.family == "peer" and spec.backend == "ctranslate2":
-        from bench.ct2 import CTranslate2System
-
-        return CTranslate2System(spec, artifacts, settings, threads=threads, max_batch_size=max_batch_size)
-    if spec.family == "peer":
-        from bench.peers import PipelineSystem
-
-        return PipelineSystem(spec, artifacts, settings, threads=threads, max_batch_size=max_batch_size)
-    if spec.family == "spanrt":
-        from bench.spanrt import SpanRTSystem
-
-        return SpanRTSystem(spec, artifacts, settings, threads=threads, max_batch_size=max_batch_size)
-    raise ValueError(f"unknown system family {spec.family!r} of {spec.name}")
+    """The System object for ``spec``: its runner class imported now, by name (nothing is loaded yet)."""
+    module, _, cls = RUNNERS[spec.runner].partition(":")
+    runner = getattr(importlib.import_module(module), cls)
+    return runner(spec, artifacts, settings, threads=threads, max_batch_size=max_batch_size)
 
 
 def select(names: list[str] | None) -> list[SystemSpec]:

@@ -41,7 +41,8 @@ def serve(conn: Connection, spec_name: str, artifacts: Any, settings: Any, threa
 def _serve(conn: Connection, spec_name: str, artifacts: Any, settings: Any, threads: int, max_batch_size: int,
            questions: list[str], contexts: list[str]) -> None:
     from bench.machine import peak_rss_mb, rss_mb
-    from bench.systems import SYSTEMS_BY_NAME, SystemUnavailable, make_system
+    from bench.base import SystemUnavailable
+    from bench.systems import SYSTEMS_BY_NAME, make_system
 
     rss_start = rss_mb()
     spec = SYSTEMS_BY_NAME[spec_name]
