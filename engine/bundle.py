@@ -1,5 +1,8 @@
 """Reading and verifying a SpanRT bundle (format v1): manifest.json plus the files it lists.
 
+The manifest is read through its schema (:mod:`engine.manifest`, which checks every field); this
+module checks the files it names and gives the runtime its view of them (:class:`Bundle`).
+
 A bundle is data, never code: only JSON is parsed here (no pickle, no torch), every file that is
 read (the manifest and the tokenizer included) must resolve inside the bundle folder, and every
 file is checked against its sha256 before use. The JSON is read strictly: NaN/Infinity, integers
@@ -21,30 +24,20 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from engine.errors import BundleError, brief
+from engine.manifest import MANIFEST_NAME, MAX_COUNT, PRECISIONS, SPECIAL_ROLES, Manifest, TokenizerEntry, bundle_error
 
-FORMAT = "spanrt-bundle"
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
+__all__ = ["PRECISIONS", "Artifact", "Bundle", "check_tensorrt_plan", "load_bundle", "load_manifest", "read_json_file",
+           "resolve_inside", "sha256_file", "tokenizer_vocab"]
 
-MODEL_TYPES = ("bert", "distilbert", "roberta", "electra", "xlm-roberta", "camembert", "albert", "mpnet", "deberta-v2", "modernbert")
-# "onnx": graphs for ONNX Runtime (may hold com.microsoft fused ops);
-# "onnx-trt": standard-op graphs, the inputs `python -m export build-trt` builds plans from;
-# "tensorrt": serialized TensorRT engines (.plan), valid for one TensorRT version and one GPU;
-# "native": float32 weights (.npz, no pickle) of the native encoder, its config in the entry.
-ARTIFACT_FORMATS = ("onnx", "onnx-trt", "tensorrt", "native")
-PRECISIONS = ("fp32", "fp16", "int8")
-KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few KB; a bigger one is not ours
 MAX_TOKENIZER_BYTES = 256 << 20  # the largest tokenizer.json files (250k-token vocabularies) are ~20 MB
-MAX_COUNT = 1 << 31  # any size in a manifest (tokens, vocabulary) is below this
 
 
 @dataclass(frozen=True)
 class Artifact:
-    """One model file of a bundle: where it is, what it is, and its raw manifest entry."""
+    """One model file of a bundle: where it is (absolute), what it is, and what the export recorded
+    about it (its manifest entry's ``details``: the native encoder's config, a plan's build)."""
 
     path: Path
     format: str
@@ -58,7 +51,7 @@ class Bundle:
     """A validated bundle: the manifest's fields the runtime needs, with absolute paths."""
 
     root: Path
-    manifest: dict[str, Any] = field(compare=False)
+    manifest: Manifest = field(compare=False)
     model_type: str
     max_seq_len: int
     vocab_size: int
@@ -86,14 +79,6 @@ class Bundle:
         return tuple(a.precision for a in self.artifacts if a.format == format)
 
 
-def _fix(root: Path) -> str:
-    return f"export the bundle again: python -m export MODEL_DIR --out {root} --force"
-
-
-def _fail(root: Path, what: str, problem: str, fix: str | None = None) -> BundleError:
-    return BundleError(f"bundle {root}: {what}: {problem}. Fix: {fix or _fix(root)}")
-
-
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
     h = hashlib.sha256()
@@ -108,33 +93,33 @@ def _resolved(root: Path, path: Path, rel: str, what: str) -> Path:
     try:
         real = path.resolve()
     except (RuntimeError, OSError) as e:  # RuntimeError: a symlink loop (Python < 3.13), OSError: ELOOP, EACCES
-        raise _fail(root, rel, f"{what} cannot be resolved ({type(e).__name__}: {e}; a symlink loop?)") from None
+        raise bundle_error(root, rel, f"{what} cannot be resolved ({type(e).__name__}: {e}; a symlink loop?)") from None
     if not real.is_relative_to(root):
-        raise _fail(root, rel, f"{what} resolves to {real}, outside the bundle folder (a link leaving the bundle)")
+        raise bundle_error(root, rel, f"{what} resolves to {real}, outside the bundle folder (a link leaving the bundle)")
     return real
 
 
 def resolve_inside(root: Path, rel: Any, what: str) -> Path:
     """The absolute path of a manifest-relative path; absolute paths and escapes are refused."""
     if not isinstance(rel, str) or not rel or "\x00" in rel:
-        raise _fail(root, MANIFEST_NAME, f"{what} path {brief(rel)} is not a non-empty relative path")
+        raise bundle_error(root, MANIFEST_NAME, f"{what} path {brief(rel)} is not a non-empty relative path")
     if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
-        raise _fail(root, MANIFEST_NAME, f"{what} path {rel!r} is absolute; bundle paths must be relative to the bundle folder")
+        raise bundle_error(root, MANIFEST_NAME, f"{what} path {rel!r} is absolute; bundle paths must be relative to the bundle folder")
     if ".." in PurePosixPath(rel.replace("\\", "/")).parts:
-        raise _fail(root, MANIFEST_NAME, f"{what} path {rel!r} points outside the bundle folder ('..' is not allowed)")
+        raise bundle_error(root, MANIFEST_NAME, f"{what} path {rel!r} points outside the bundle folder ('..' is not allowed)")
     return _resolved(root, root / rel, rel, what)
 
 
 def _check_file(root: Path, path: Path, rel: str, expected: str, verify: bool) -> None:
     if not path.is_file():
-        raise _fail(root, rel, "file is missing (or not a regular file)")
+        raise bundle_error(root, rel, "file is missing (or not a regular file)")
     if verify:
         try:
             actual = sha256_file(path)
         except OSError as e:
-            raise _fail(root, rel, f"cannot be read ({e.strerror or e})") from None
+            raise bundle_error(root, rel, f"cannot be read ({e.strerror or e})") from None
         if actual != expected:
-            raise _fail(root, rel, f"sha256 mismatch (file is damaged or was altered: expected {expected[:16]}..., found {actual[:16]}...)")
+            raise bundle_error(root, rel, f"sha256 mismatch (file is damaged or was altered: expected {expected[:16]}..., found {actual[:16]}...)")
 
 
 def _manifest_path(path: str | Path) -> tuple[Path, Path]:
@@ -169,65 +154,23 @@ def read_json_file(root: Path, path: Path, rel: str, *, limit: int) -> Any:
     real = _resolved(root, path, rel, rel)
     try:
         if not real.is_file():
-            raise _fail(root, rel, "file is missing or not a regular file (not a bundle, or an interrupted export)")
+            raise bundle_error(root, rel, "file is missing or not a regular file (not a bundle, or an interrupted export)")
         size = real.stat().st_size
         if size > limit:
-            raise _fail(root, rel, f"file is {size} bytes, more than the {limit} a bundle's {rel} may have")
+            raise bundle_error(root, rel, f"file is {size} bytes, more than the {limit} a bundle's {rel} may have")
         raw = real.read_bytes()
     except OSError as e:
-        raise _fail(root, rel, f"cannot be read ({e.strerror or e})") from None
+        raise bundle_error(root, rel, f"cannot be read ({e.strerror or e})") from None
     try:
         return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
     except UnicodeDecodeError as e:
-        raise _fail(root, rel, f"malformed JSON (not UTF-8: {e})") from None
+        raise bundle_error(root, rel, f"malformed JSON (not UTF-8: {e})") from None
     except json.JSONDecodeError as e:
-        raise _fail(root, rel, f"malformed JSON ({e})") from None
+        raise bundle_error(root, rel, f"malformed JSON ({e})") from None
     except RecursionError:
-        raise _fail(root, rel, "malformed JSON (nested too deeply to be a bundle file)") from None
+        raise bundle_error(root, rel, "malformed JSON (nested too deeply to be a bundle file)") from None
     except ValueError as e:  # NaN/Infinity, or an integer beyond sys.get_int_max_str_digits()
-        raise _fail(root, rel, f"malformed JSON ({brief(str(e), 120)})") from None
-
-
-def _read_json(root: Path, mpath: Path) -> dict[str, Any]:
-    data = read_json_file(root, mpath, MANIFEST_NAME, limit=MAX_MANIFEST_BYTES)
-    if not isinstance(data, dict):
-        raise _fail(root, MANIFEST_NAME, "malformed: the top level is not a JSON object")
-    return data
-
-
-def _get(root: Path, d: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str = "") -> Any:
-    if key not in d:
-        raise _fail(root, MANIFEST_NAME, f"malformed: missing key {where}{key!r}")
-    v = d[key]
-    # bool is an int subclass: a count written as true/false is malformed.
-    if not isinstance(v, kind) or (isinstance(v, bool) and kind is int):
-        raise _fail(root, MANIFEST_NAME, f"malformed: {where}{key!r} is {type(v).__name__}, expected {getattr(kind, '__name__', kind)}")
-    return v
-
-
-def _positive_int(root: Path, d: dict[str, Any], key: str, where: str = "") -> int:
-    v = _get(root, d, key, int, where)
-    if not 0 < v < MAX_COUNT:
-        raise _fail(root, MANIFEST_NAME, f"malformed: {where}{key!r} must be between 1 and {MAX_COUNT - 1}, got {brief(v)}")
-    return v
-
-
-def _optional_positive_int(root: Path, d: dict[str, Any], key: str, where: str = "") -> int | None:
-    return _positive_int(root, d, key, where) if d.get(key) is not None else None
-
-
-def _check_header(root: Path, m: dict[str, Any]) -> None:
-    if m.get("format") != FORMAT:
-        raise _fail(root, MANIFEST_NAME, f"not a SpanRT bundle manifest (format {m.get('format')!r}, expected {FORMAT!r})")
-    version = m.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise _fail(root, MANIFEST_NAME, f"malformed: format_version {version!r}")
-    if version > FORMAT_VERSION:
-        raise _fail(
-            root, MANIFEST_NAME,
-            f"bundle format version {version} is newer than this SpanRT reads ({FORMAT_VERSION})",
-            f"upgrade spanrt, or {_fix(root)} with this version",
-        )
+        raise bundle_error(root, rel, f"malformed JSON ({brief(str(e), 120)})") from None
 
 
 def _token_id(value: Any, where: str) -> int:
@@ -266,40 +209,24 @@ def tokenizer_vocab(tokenizer_json: Any) -> dict[str, int]:
     return vocab
 
 
-def _check_tokenizer(root: Path, m: dict[str, Any], tpath: Path, rel: str, vocab_size: int,
-                     model_vocab_size: int | None) -> None:
+def _check_tokenizer(root: Path, tok: TokenizerEntry, tpath: Path, vocab_size: int, model_vocab_size: int | None) -> None:
+    """tokenizer.json fits the manifest: its size, the embedding table, and each special token's id."""
+    rel = tok.path
     tj = read_json_file(root, tpath, rel, limit=MAX_TOKENIZER_BYTES)
     try:
         vocab = tokenizer_vocab(tj)
     except ValueError as e:
-        raise _fail(root, rel, f"not a readable tokenizer.json ({e})") from None
+        raise bundle_error(root, rel, f"not a readable tokenizer.json ({e})") from None
     size = max(vocab.values()) + 1 if vocab else 0
     if size != vocab_size:
-        raise _fail(root, rel, f"tokenizer has {size} tokens but the model's vocab_size is {vocab_size} (a tokenizer of another model)")
+        raise bundle_error(root, rel, f"tokenizer has {size} tokens but the model's vocab_size is {vocab_size} (a tokenizer of another model)")
     if model_vocab_size is not None and size > model_vocab_size:
-        raise _fail(root, rel, f"tokenizer has {size} tokens but the model's embedding table has {model_vocab_size} rows "
-                               "(model_vocab_size): its highest ids would index past the table (a tokenizer of another model)")
-    tok = m["tokenizer"]
-    for role in ("cls", "sep", "pad"):
-        token, tid = tok.get(f"{role}_token"), tok[f"{role}_token_id"]
-        if not 0 <= tid < vocab_size:
-            raise _fail(root, MANIFEST_NAME, f"tokenizer {role}_token_id {brief(tid)} is outside the vocabulary (size {vocab_size})")
-        if token is not None and not isinstance(token, str):
-            raise _fail(root, MANIFEST_NAME, f"malformed: tokenizer.{role}_token is {type(token).__name__}, expected str")
+        raise bundle_error(root, rel, f"tokenizer has {size} tokens but the model's embedding table has {model_vocab_size} rows "
+                                      "(model_vocab_size): its highest ids would index past the table (a tokenizer of another model)")
+    for role in SPECIAL_ROLES:
+        token, tid = getattr(tok, f"{role}_token"), tok.token_id(role)
         if token is not None and vocab.get(token) != tid:
-            raise _fail(root, rel, f"{role} token {brief(token)} has id {vocab.get(token)} in the tokenizer, manifest says {tid}")
-
-
-def _pair_template(root: Path, value: Any, vocab_size: int) -> dict[str, tuple[int, ...]] | None:
-    if value is None:
-        return None
-    parts = ("prefix", "middle", "suffix")
-    if (not isinstance(value, dict) or set(value) != set(parts)
-            or not all(isinstance(value[p], list) and len(value[p]) <= 16 for p in parts)
-            or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for p in parts for t in value[p])):
-        raise _fail(root, MANIFEST_NAME, f"malformed: tokenizer.pair_template {brief(value, 120)} (expected lists of token ids "
-                                         f"under {', '.join(parts)})")
-    return {p: tuple(value[p]) for p in parts}
+            raise bundle_error(root, rel, f"{role} token {brief(token)} has id {vocab.get(token)} in the tokenizer, manifest says {tid}")
 
 
 def _check_onnx_precision(root: Path, path: Path, rel: str, precision: str) -> None:
@@ -310,9 +237,9 @@ def _check_onnx_precision(root: Path, path: Path, rel: str, precision: str) -> N
     try:
         graph = summarize(path)
     except NotOnnxError as e:
-        raise _fail(root, rel, f"not a readable ONNX model ({e})") from None
+        raise bundle_error(root, rel, f"not a readable ONNX model ({e})") from None
     except OSError as e:
-        raise _fail(root, rel, f"cannot be read ({e.strerror or e})") from None
+        raise bundle_error(root, rel, f"cannot be read ({e.strerror or e})") from None
     quantized, fp16 = sorted(graph.quantized_ops), graph.has_float16
     problem = None
     if precision == "int8" and not quantized:
@@ -324,109 +251,59 @@ def _check_onnx_precision(root: Path, path: Path, rel: str, precision: str) -> N
         problem = ("the manifest says fp32, but the graph " +
                    (f"has quantized operators ({', '.join(quantized)})" if quantized else "has float16 weights"))
     if problem:
-        raise _fail(root, rel, problem)
+        raise bundle_error(root, rel, problem)
 
 
-def _check_native_sizes(root: Path, entry: dict[str, Any], where: str, vocab_size: int, max_seq_len: int) -> None:
+def _check_native_sizes(root: Path, details: dict[str, Any], where: str, vocab_size: int, max_seq_len: int) -> None:
     """The native weights' real sizes (read off the tensors at export) fit the tokenizer and windows."""
-    cfg = entry.get("encoder")
+    cfg = details.get("encoder")
     if not isinstance(cfg, dict):
         return  # the native backend refuses the artifact with its own message when it is asked for
     rows, positions, offset = cfg.get("vocab_size"), cfg.get("max_positions"), cfg.get("position_offset", 0)
     if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < MAX_COUNT for v in (rows, positions, offset)):
-        raise _fail(root, MANIFEST_NAME, f"malformed: {where}encoder sizes vocab_size/max_positions/position_offset are "
-                                         f"{brief(rows)}/{brief(positions)}/{brief(offset)}")
+        raise bundle_error(root, MANIFEST_NAME, f"malformed: {where}encoder sizes vocab_size/max_positions/position_offset are "
+                                                f"{brief(rows)}/{brief(positions)}/{brief(offset)}")
     if vocab_size > rows:
-        raise _fail(root, MANIFEST_NAME, f"the tokenizer has {vocab_size} tokens but the native model's embedding table has "
-                                         f"{rows} rows: its highest ids would index past the table")
+        raise bundle_error(root, MANIFEST_NAME, f"the tokenizer has {vocab_size} tokens but the native model's embedding table has "
+                                                f"{rows} rows: its highest ids would index past the table")
     if max_seq_len > positions - offset:
-        raise _fail(root, MANIFEST_NAME, f"max_seq_len {max_seq_len} is above the native model's {positions - offset} positions")
+        raise bundle_error(root, MANIFEST_NAME, f"max_seq_len {max_seq_len} is above the native model's {positions - offset} positions")
 
 
-def _parse(root: Path, m: dict[str, Any], *, verify: bool) -> Bundle:
-    _check_header(root, m)
-    model_type = _get(root, m, "model_type", str)
-    if model_type not in MODEL_TYPES:
-        raise _fail(root, MANIFEST_NAME, f"unsupported model_type {model_type!r} (supported: {', '.join(MODEL_TYPES)})")
-    max_seq_len = _positive_int(root, m, "max_seq_len")
-    vocab_size = _positive_int(root, m, "vocab_size")
-    model_vocab_size = _optional_positive_int(root, m, "model_vocab_size")  # rows of the embedding table
-    max_positions = _optional_positive_int(root, m, "max_positions")  # positions the model can embed
-    if max_positions is not None and max_seq_len > max_positions:
-        raise _fail(root, MANIFEST_NAME, f"max_seq_len {max_seq_len} is above the model's {max_positions} positions "
-                                         "(max_positions): longer windows would index past its position table")
-    inputs = _get(root, m, "inputs", list)
-    if not inputs or any(not isinstance(n, str) or n not in KNOWN_INPUTS for n in inputs) or len(set(inputs)) != len(inputs):
-        raise _fail(root, MANIFEST_NAME, f"malformed: inputs {inputs!r} (expected distinct names from {KNOWN_INPUTS})")
-    if "input_ids" not in inputs:
-        raise _fail(root, MANIFEST_NAME, "malformed: inputs must include 'input_ids'")
-    outputs = _get(root, m, "outputs", list)
-    if outputs != ["start_logits", "end_logits"]:
-        raise _fail(root, MANIFEST_NAME, f"malformed: outputs {outputs!r} (expected ['start_logits', 'end_logits'])")
-    do_lower_case = m.get("do_lower_case")
-    if do_lower_case is not None and not isinstance(do_lower_case, bool):
-        raise _fail(root, MANIFEST_NAME, f"malformed: do_lower_case {do_lower_case!r}")
-
-    tok = _get(root, m, "tokenizer", dict)
-    trel = _get(root, tok, "path", str, "tokenizer.")
-    tsha = _get(root, tok, "sha256", str, "tokenizer.")
-    if not _SHA256.match(tsha):
-        raise _fail(root, MANIFEST_NAME, f"malformed: tokenizer.sha256 {tsha!r}")
-    ids = {role: _get(root, tok, f"{role}_token_id", int, "tokenizer.") for role in ("cls", "sep", "pad")}
-    pair_template = _pair_template(root, tok.get("pair_template"), vocab_size)
-    tpath = resolve_inside(root, trel, "tokenizer")
-    _check_file(root, tpath, trel, tsha, verify)
-    _check_tokenizer(root, m, tpath, trel, vocab_size, model_vocab_size)
-
-    entries = _get(root, m, "artifacts", list)
+def _load(root: Path, data: Any, *, verify: bool) -> Bundle:
+    """The bundle of manifest JSON ``data``: the manifest checked by its schema, then the files it names."""
+    m = Manifest.from_json(data, root=root)
+    tok = m.tokenizer
+    tpath = resolve_inside(root, tok.path, "tokenizer")
+    _check_file(root, tpath, tok.path, tok.sha256, verify)
+    _check_tokenizer(root, tok, tpath, m.vocab_size, m.model_vocab_size)
     artifacts: list[Artifact] = []
-    seen: set[tuple[str, str]] = set()
-    for i, e in enumerate(entries):
-        where = f"artifacts[{i}]."
-        if not isinstance(e, dict):
-            raise _fail(root, MANIFEST_NAME, f"malformed: artifacts[{i}] is not an object")
-        rel = _get(root, e, "path", str, where)
-        fmt = _get(root, e, "format", str, where)
-        prec = _get(root, e, "precision", str, where)
-        sha = _get(root, e, "sha256", str, where)
-        if fmt not in ARTIFACT_FORMATS or prec not in PRECISIONS:
-            raise _fail(root, MANIFEST_NAME, f"{where[:-1]}: unknown format/precision {fmt!r}/{prec!r} (known: {ARTIFACT_FORMATS} x {PRECISIONS})")
-        if not _SHA256.match(sha):
-            raise _fail(root, MANIFEST_NAME, f"malformed: {where}sha256 {sha!r}")
-        if (fmt, prec) in seen:
-            raise _fail(root, MANIFEST_NAME, f"two artifacts with format {fmt!r} and precision {prec!r}")
-        seen.add((fmt, prec))
-        path = resolve_inside(root, rel, f"artifact {fmt}/{prec}")
-        _check_file(root, path, rel, sha, verify)
-        if fmt in ("onnx", "onnx-trt") and verify:
-            _check_onnx_precision(root, path, rel, prec)
-        elif fmt == "native":
-            _check_native_sizes(root, e, where, vocab_size, max_seq_len)
-        artifacts.append(Artifact(path=path, format=fmt, precision=prec, sha256=sha, info=e))
-    if not artifacts:
-        raise _fail(root, MANIFEST_NAME, "the bundle lists no model artifacts")
-
+    for i, e in enumerate(m.artifacts):
+        path = resolve_inside(root, e.path, f"artifact {e.format}/{e.precision}")
+        _check_file(root, path, e.path, e.sha256, verify)
+        if e.format in ("onnx", "onnx-trt") and verify:
+            _check_onnx_precision(root, path, e.path, e.precision)
+        elif e.format == "native":
+            _check_native_sizes(root, e.details, f"artifacts[{i}].", m.vocab_size, m.max_seq_len)
+        artifacts.append(Artifact(path=path, format=e.format, precision=e.precision, sha256=e.sha256, info=e.details))
     return Bundle(
-        root=root, manifest=m, model_type=model_type, max_seq_len=max_seq_len, vocab_size=vocab_size,
-        input_names=tuple(inputs), output_names=tuple(outputs), tokenizer_path=tpath,
-        cls_token_id=ids["cls"], sep_token_id=ids["sep"], pad_token_id=ids["pad"],
-        artifacts=tuple(artifacts), do_lower_case=do_lower_case, pair_template=pair_template,
+        root=root, manifest=m, model_type=m.model_type, max_seq_len=m.max_seq_len, vocab_size=m.vocab_size,
+        input_names=m.inputs, output_names=m.outputs, tokenizer_path=tpath,
+        cls_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id,
+        artifacts=tuple(artifacts), do_lower_case=m.do_lower_case, pair_template=tok.pair_template,
     )
 
 
-def load_manifest(path: str | Path) -> dict[str, Any]:
-    """The parsed manifest of a bundle folder (or its manifest.json), validated, every sha256 checked."""
-    root, mpath = _manifest_path(path)
-    m = _read_json(root, mpath)
-    _parse(root, m, verify=True)
-    return m
+def load_manifest(path: str | Path) -> Manifest:
+    """The manifest of a bundle folder (or its manifest.json), validated, every sha256 checked."""
+    return load_bundle(path, verify=True).manifest
 
 
 def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     """Load and validate a bundle; ``verify=False`` skips reading the model files (their sha256 and
     what their graphs hold), not the other checks."""
     root, mpath = _manifest_path(path)
-    return _parse(root, _read_json(root, mpath), verify=verify)
+    return _load(root, read_json_file(root, mpath, MANIFEST_NAME, limit=MAX_MANIFEST_BYTES), verify=verify)
 
 
 def _version_key(v: str) -> tuple[int, ...]:
@@ -446,9 +323,9 @@ def check_tensorrt_plan(artifact: Artifact, *, tensorrt_version: str, compute_ca
     fix = f"rebuild the plans on this machine: python -m export build-trt {root} --force"
     built_v, built_cc = artifact.info.get("tensorrt_version"), artifact.info.get("compute_capability")
     if not isinstance(built_v, str) or not isinstance(built_cc, str):
-        raise _fail(root, artifact.path.name, "manifest entry lacks tensorrt_version / compute_capability", fix)
+        raise bundle_error(root, artifact.path.name, "manifest entry lacks tensorrt_version / compute_capability", fix)
     cc = compute_capability if isinstance(compute_capability, str) else f"{compute_capability[0]}.{compute_capability[1]}"
     if _version_key(built_v) != _version_key(tensorrt_version):
-        raise _fail(root, artifact.path.name, f"plan was built with TensorRT {built_v}, this machine has TensorRT {tensorrt_version}", fix)
+        raise bundle_error(root, artifact.path.name, f"plan was built with TensorRT {built_v}, this machine has TensorRT {tensorrt_version}", fix)
     if built_cc != cc:
-        raise _fail(root, artifact.path.name, f"plan was built for GPU compute capability {built_cc}, this GPU is {cc}", fix)
+        raise bundle_error(root, artifact.path.name, f"plan was built for GPU compute capability {built_cc}, this GPU is {cc}", fix)

@@ -3,7 +3,8 @@ finished bundle in place, so an interrupted build never leaves a half bundle.
 
 Used by the export stage (export/pipeline.py, with its own error type) and by the runtime's
 torch-free native bundle (engine/native_bundle.py). Reading and verification live in
-:mod:`engine.bundle`; ``commit`` runs that exact check before the rename. Stdlib only.
+:mod:`engine.bundle`; ``commit`` runs that exact check before the rename. The manifest is written
+through its schema (:class:`engine.manifest.Manifest`). Stdlib only (the tokenizer entry: engine.preprocess).
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import replace
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from engine.bundle import FORMAT, MANIFEST_NAME, load_bundle, sha256_file
+from engine.bundle import load_bundle, sha256_file
 from engine.errors import BundleError, SpanRTError
+from engine.manifest import FORMAT, MANIFEST_NAME, PAIR_TEMPLATE_PARTS, SPECIAL_ROLES, ArtifactEntry, Manifest, TokenizerEntry
 
 
 def _is_bundle_or_empty(path: Path) -> bool:
@@ -59,7 +63,7 @@ class BundleWriter:
         umask = os.umask(0)
         os.umask(umask)
         self.tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a bundle is readable like any folder
-        self.artifacts: list[dict[str, Any]] = []
+        self.artifacts: list[ArtifactEntry] = []
 
     def __enter__(self) -> BundleWriter:
         return self
@@ -71,21 +75,33 @@ class BundleWriter:
         """Where a bundle file is written while the build runs."""
         return self.tmp / rel
 
-    def add_artifact(self, rel: str, *, format: str, precision: str, **info: Any) -> dict[str, Any]:  # noqa: A002
-        """Record a written file as an artifact (its sha256 is computed now)."""
+    def add_artifact(self, rel: str, *, format: str, precision: str, **details: Any) -> ArtifactEntry:  # noqa: A002
+        """Record a written file as an artifact (its sha256 is computed now); ``details``: what to
+        record about it (the native encoder's config, a plan's build...)."""
         f = self.path(rel)
         if not f.is_file():
             raise self.error(f"internal: artifact {rel} was not written")
-        entry = {"path": rel, "format": format, "precision": precision, "sha256": sha256_file(f),
-                 "bytes": f.stat().st_size, **info}
-        self.artifacts = [a for a in self.artifacts if (a["format"], a["precision"]) != (format, precision)]
+        entry = ArtifactEntry(path=rel, format=format, precision=precision, sha256=sha256_file(f), bytes=f.stat().st_size,
+                              details=details)
+        self.artifacts = [a for a in self.artifacts if (a.format, a.precision) != (format, precision)]
         self.artifacts.append(entry)
         return entry
 
-    def commit(self, manifest: dict[str, Any]) -> Path:
-        """Write manifest.json, check the whole bundle with the runtime's loader, move it into place."""
-        manifest = {**manifest, "artifacts": self.artifacts}
-        write_manifest(self.tmp, manifest)
+    def tokenizer_entry(self, rel: str, tokenizer: Any, special: Mapping[str, Any]) -> TokenizerEntry:
+        """The manifest's entry of the tokenizer.json written at ``rel`` (loaded as ``tokenizer``):
+        its sha256, the special tokens (``special``: ``{role}_token`` and ``{role}_token_id`` of
+        cls, sep and pad) and the ids around a pair, which the runtime checks its tokenizer against."""
+        from engine.preprocess import learn_template
+
+        t = learn_template(tokenizer, self.path(rel))
+        return TokenizerEntry(path=rel, sha256=sha256_file(self.path(rel)),
+                              **{f"{r}_token{s}": special[f"{r}_token{s}"] for r in SPECIAL_ROLES for s in ("", "_id")},
+                              pair_template={p: tuple(getattr(t, p).tolist()) for p in PAIR_TEMPLATE_PARTS})
+
+    def commit(self, manifest: Manifest) -> Path:
+        """Write manifest.json (with the artifacts added), check the whole bundle with the runtime's
+        loader, move it into place."""
+        write_manifest(self.tmp, replace(manifest, artifacts=tuple(self.artifacts)))
         load_bundle(self.tmp, verify=True)  # the exact check the runtime will do
         old: Path | None = None
         if self.out.exists():
@@ -103,7 +119,7 @@ class BundleWriter:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def write_manifest(root: str | Path, manifest: dict[str, Any]) -> None:
+def write_manifest(root: str | Path, manifest: Manifest) -> None:
     """Write ``manifest.json`` atomically (temporary file + rename)."""
     root = Path(root)
     fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".json", dir=root)
@@ -111,6 +127,6 @@ def write_manifest(root: str | Path, manifest: dict[str, Any]) -> None:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, sort_keys=False)
+        json.dump(manifest.to_json(), f, indent=2, sort_keys=False)
         f.write("\n")
     os.replace(tmp, root / MANIFEST_NAME)

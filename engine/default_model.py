@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -167,9 +168,7 @@ def _export(ckpt: Path, target: Path, *, quiet: bool) -> None:
                               + (":\n  " + "\n  ".join(tail) if tail else "; its messages are above"))
         accuracy = _measured(ckpt)
         if accuracy:
-            manifest = load_manifest(tmp)
-            manifest["accuracy"] = accuracy
-            write_manifest(tmp, manifest)
+            write_manifest(tmp, replace(load_manifest(tmp), accuracy=accuracy))
         load_bundle(tmp, verify=False)
         os.replace(tmp, target)
     finally:

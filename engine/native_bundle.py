@@ -21,14 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from engine.bundle import FORMAT, FORMAT_VERSION, sha256_file
+from engine.bundle import sha256_file
 from engine.bundle_writer import BundleWriter
 from engine.errors import BundleError, UnsupportedCheckpointError
+from engine.manifest import OUTPUT_NAMES, SPECIAL_ROLES, Manifest
 from engine.native_weights import NATIVE_FILE, family_of, native_weights, write_npz
 
 DEFAULT_MAX_SEQ_LEN = 384  # a bundle's longest window unless asked otherwise (python -m export --max-seq-len too)
-OUTPUT_NAMES = ("start_logits", "end_logits")
-SPECIAL_ROLES = ("cls", "sep", "pad")
 _MAX_HEADER = 100 << 20  # a safetensors header is JSON of a few KB to a few MB
 
 
@@ -172,8 +171,6 @@ def build_native_bundle(checkpoint: str | Path, out: str | Path, *, max_seq_len:
     """Write a native-only bundle of span checkpoint ``checkpoint`` at ``out``; returns its path.
 
     ``accuracy``: measured figures to record in the manifest (e.g. from a model card)."""
-    from engine.preprocess import learn_template
-
     ckpt = Path(checkpoint)
     config = read_config(ckpt)
     fam = family_of(config, str(ckpt))
@@ -184,46 +181,40 @@ def build_native_bundle(checkpoint: str | Path, out: str | Path, *, max_seq_len:
     encoder, weights = native_weights(state, config)
     del state
     heads, hidden, layers = fam.dims(config)
-    model_vocab_size = int(config.get("vocab_size", encoder["vocab_size"]))
-    max_positions = int(config.get("max_position_embeddings", encoder["max_positions"])) - fam.position_offset
+    model_vocab_size = int(config.get("vocab_size", encoder.vocab_size))
+    max_positions = int(config.get("max_position_embeddings", encoder.max_positions)) - fam.position_offset
     if max_seq_len > max_positions:
         raise UnsupportedCheckpointError(f"max_seq_len {max_seq_len} exceeds the model's {max_positions} positions")
 
     with BundleWriter(out, force=force) as w:
         tokenizer, tok_info = write_tokenizer(ckpt, w.path("tokenizer.json"), model_vocab_size)
-        t = learn_template(tokenizer, w.path("tokenizer.json"))
-        tok_info["pair_template"] = {"prefix": t.prefix.tolist(), "middle": t.middle.tolist(), "suffix": t.suffix.tolist()}
         write_npz(weights, w.path(NATIVE_FILE))
         from engine.backends.native import FORMAT as NATIVE_FORMAT
 
-        w.add_artifact(NATIVE_FILE, format=NATIVE_FORMAT, precision="fp32", encoder=encoder, computes=["int8", "bf16", "fp32"])
-        manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model_type": str(config["model_type"]),
-            "architecture": fam.architecture,
-            "source": {"path": str(ckpt.resolve()), "weights_sha256": weights_sha256(files), "weights": [f.name for f in files]},
-            "max_seq_len": max_seq_len,
-            "vocab_size": tok_info["vocab_size"],
-            "model_vocab_size": model_vocab_size,
-            "max_positions": max_positions,
-            "do_lower_case": tok_info["do_lower_case"],
-            "inputs": list(fam.input_names),
-            "outputs": list(OUTPUT_NAMES),
-            "num_layers": layers,
-            "hidden_size": hidden,
-            "num_heads": heads,
-            "native_encoder": {"written": True},
-            "tokenizer": {"path": "tokenizer.json", "sha256": sha256_file(w.path("tokenizer.json")),
-                          **{k: v for k, v in tok_info.items() if k not in ("vocab_size", "do_lower_case")}},
-            "versions": _versions(),
+        w.add_artifact(NATIVE_FILE, format=NATIVE_FORMAT, precision="fp32", encoder=encoder.to_json(), computes=["int8", "bf16", "fp32"])
+        manifest = Manifest(
+            model_type=str(config["model_type"]),
+            architecture=fam.architecture,
+            source={"path": str(ckpt.resolve()), "weights_sha256": weights_sha256(files), "weights": [f.name for f in files]},
+            max_seq_len=max_seq_len,
+            vocab_size=tok_info["vocab_size"],
+            model_vocab_size=model_vocab_size,
+            max_positions=max_positions,
+            do_lower_case=tok_info["do_lower_case"],
+            inputs=fam.input_names,
+            outputs=OUTPUT_NAMES,
+            num_layers=layers,
+            hidden_size=hidden,
+            num_heads=heads,
+            native_encoder={"written": True},
+            tokenizer=w.tokenizer_entry("tokenizer.json", tokenizer, tok_info),
+            versions=_versions(),
             # Nothing to compare with here (no PyTorch): the mapping is the export's, tested equal
             # to it tensor for tensor (tests/test_native_weights.py), and the encoder is tested
             # against PyTorch on every path (tests/test_native.py).
-            "verification": {"native": {"checked": False, "reason": "built from the checkpoint's safetensors without PyTorch "
-                                                                    "(engine.native_bundle); no reference to compare with"}},
-            "build": {"by": "engine.native_bundle", "max_seq_len": max_seq_len},
-        }
-        if accuracy:
-            manifest["accuracy"] = accuracy
+            verification={"native": {"checked": False, "reason": "built from the checkpoint's safetensors without PyTorch "
+                                                                 "(engine.native_bundle); no reference to compare with"}},
+            build={"by": "engine.native_bundle", "max_seq_len": max_seq_len},
+            accuracy=accuracy or None,
+        )
         return w.commit(manifest)

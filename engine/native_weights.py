@@ -6,24 +6,30 @@ and ALBERT (one layer's weights shared by all layers) span checkpoints all are o
 different parameter names. :data:`FAMILIES` says, once per family, where each
 tensor lives in a Hugging Face checkpoint; :func:`native_weights` renames them (names in
 kernels/include/spanrt/encoder.h), concatenates query/key/value into one matrix and returns
-float32 arrays plus the encoder config the manifest records. NumPy only: the export stage feeds
-it a PyTorch state dict, the runtime the checkpoint's safetensors (engine/native_bundle.py).
+float32 arrays plus the encoder's config (:class:`EncoderConfig`, which the manifest records).
+NumPy only: the export stage feeds it a PyTorch state dict, the runtime the checkpoint's
+safetensors (engine/native_bundle.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engine.errors import UnsupportedCheckpointError
+from engine.errors import BundleError, UnsupportedCheckpointError, brief
+from engine.manifest import fix_hint
 
 NATIVE_FILE = "model.native.npz"  # the bundle artifact
-# config.json's activation -> the encoder's: the exact (erf) GELU, or GELU's tanh approximation
-# (ALBERT's gelu_new; gelu_pytorch_tanh is the same function)
+# The encoder's activations: the exact (erf) GELU, or GELU's tanh approximation (ALBERT's gelu_new)
+ACTIVATIONS = ("gelu", "gelu_tanh")
+# config.json's activation -> the encoder's (gelu_pytorch_tanh is gelu_new's function)
 SUPPORTED_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+_JSON_KINDS: dict[str, tuple[type | tuple[type, ...], str]] = {"int": (int, "an integer"), "float": ((int, float), "a number"),
+                                                               "str": (str, "a string")}
 # The encoder's per-layer tensors (ours) -> the module path under a family's layer prefix.
 LAYER_TENSORS = ("q", "k", "v", "attn_out", "attn_norm", "ffn_in", "ffn_out", "ffn_norm")
 _BERT_LAYER = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
@@ -34,6 +40,52 @@ _DISTILBERT_LAYER = {"q": "attention.q_lin", "k": "attention.k_lin", "v": "atten
 _ALBERT_LAYER = {"q": "attention.query", "k": "attention.key", "v": "attention.value", "attn_out": "attention.dense",
                  "attn_norm": "attention.LayerNorm", "ffn_in": "ffn", "ffn_out": "ffn_output", "ffn_norm": "full_layer_layer_norm"}
 _BERT_KEYS = {"heads": "num_attention_heads", "hidden": "hidden_size", "layers": "num_hidden_layers", "activation": "hidden_act"}
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The native encoder's config: the sizes of its tensors and its two numeric choices.
+
+    Written in the manifest's native artifact entry (its ``encoder``, by :meth:`to_json`) and
+    handed to the C++ encoder as that same dict: the field names are the keys
+    kernels/encoder/bindings.cpp reads into ``spanrt::EncoderConfig`` (kernels/include/spanrt/
+    encoder.h), whose members are named alike except hidden_size (``hidden``), num_layers
+    (``layers``), num_heads (``heads``), intermediate_size (``intermediate``) and activation (the
+    flag ``gelu_tanh``). tests/test_native_weights.py checks the names against bindings.cpp."""
+
+    vocab_size: int  # rows of the word embedding table
+    max_positions: int  # rows of the position table
+    type_vocab_size: int  # rows of the token-type table; 0: the model takes no token types (DistilBERT)
+    embedding_size: int  # != hidden_size: embeddings projected to hidden_size (ELECTRA, ALBERT)
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    position_offset: int  # positions the table reserves (RoBERTa: padding_idx + 1)
+    layer_norm_eps: float
+    activation: str = "gelu"  # one of ACTIVATIONS
+
+    def to_json(self) -> dict[str, Any]:
+        """The config as the manifest records it and the encoder binding reads it."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any, *, root: Path | str) -> EncoderConfig:
+        """The config recorded in a native artifact entry of bundle ``root``; BundleError when it is
+        missing, lacks a key, or names an activation the encoder does not compute."""
+        sizes = tuple(f.name for f in fields(cls) if f.name != "activation")
+        if not isinstance(data, dict) or any(k not in data for k in sizes):
+            raise BundleError(f"bundle {root}: the native artifact's 'encoder' config is missing or lacks {sizes}. Fix: {fix_hint(root)}")
+        for f in fields(cls):
+            v = data.get(f.name, f.default)
+            kind, expected = _JSON_KINDS[str(f.type)]
+            if not isinstance(v, kind) or isinstance(v, bool):
+                raise BundleError(f"bundle {root}: the native artifact's 'encoder' config has {f.name} {brief(v)}, not {expected}. "
+                                  f"Fix: {fix_hint(root)}")
+        activation = data.get("activation", "gelu")
+        if activation not in ACTIVATIONS:
+            raise BundleError(f"bundle {root}: the native encoder computes {' or '.join(ACTIVATIONS)}, the manifest says {activation!r}")
+        return cls(**{k: data[k] for k in sizes}, activation=activation)
 
 
 @dataclass(frozen=True)
@@ -121,7 +173,7 @@ def _checkpoint_name(name: str) -> str:
     return name
 
 
-def native_weights(state: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def native_weights(state: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> tuple[EncoderConfig, dict[str, np.ndarray]]:
     """(encoder config, float32 weights) of a span checkpoint for the native encoder.
 
     ``state`` maps the checkpoint's parameter names to arrays (any float dtype), ``config`` is its
@@ -179,22 +231,22 @@ def native_weights(state: Mapping[str, np.ndarray], config: Mapping[str, Any]) -
         raise UnsupportedCheckpointError(f"the span head qa_outputs.weight is {w['qa.weight'].shape}, not (2, {hidden}): "
                                          "it does not give 2 logits per token (start, end)")
 
-    encoder = {
-        "vocab_size": int(w["embeddings.word"].shape[0]),
-        "max_positions": int(w["embeddings.position"].shape[0]),
-        "type_vocab_size": int(w["embeddings.token_type"].shape[0]) if "embeddings.token_type" in w else 0,
-        "embedding_size": int(w["embeddings.word"].shape[1]),
-        "hidden_size": hidden,
-        "num_layers": num_layers,
-        "num_heads": heads,
-        "intermediate_size": int(w["layers.0.ffn_in.weight"].shape[0]),
-        "position_offset": fam.position_offset,
+    encoder = EncoderConfig(
+        vocab_size=int(w["embeddings.word"].shape[0]),
+        max_positions=int(w["embeddings.position"].shape[0]),
+        type_vocab_size=int(w["embeddings.token_type"].shape[0]) if "embeddings.token_type" in w else 0,
+        embedding_size=int(w["embeddings.word"].shape[1]),
+        hidden_size=hidden,
+        num_layers=num_layers,
+        num_heads=heads,
+        intermediate_size=int(w["layers.0.ffn_in.weight"].shape[0]),
+        position_offset=fam.position_offset,
         # DistilBERT's LayerNorms use 1e-12 without saying so in its config
-        "layer_norm_eps": float(config.get("layer_norm_eps", 1e-12)),
-        "activation": SUPPORTED_ACTIVATIONS[act],
-    }
-    if encoder["embedding_size"] != hidden and "embeddings.project.weight" not in w:
-        raise UnsupportedCheckpointError(f"embedding size {encoder['embedding_size']} != hidden size {hidden} without a projection")
+        layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
+        activation=SUPPORTED_ACTIVATIONS[act],
+    )
+    if encoder.embedding_size != hidden and "embeddings.project.weight" not in w:
+        raise UnsupportedCheckpointError(f"embedding size {encoder.embedding_size} != hidden size {hidden} without a projection")
     return encoder, w
 
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from engine.manifest import OUTPUT_NAMES
 from export.errors import ExportError, UnsupportedModelError, VerificationError
 from export.samples import EncodedBatch
 
-OUTPUT_NAMES = ("start_logits", "end_logits")
 MAX_ANSWER_TOKENS = 30  # span length limit used by the span comparisons below
 
 

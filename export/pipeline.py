@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.manifest import Manifest
 from engine.native_bundle import DEFAULT_MAX_SEQ_LEN
-from export.bundle import FORMAT, FORMAT_VERSION, BundleWriter
+from export.bundle import BundleWriter
 from export.errors import ExportError, UnsupportedModelError
 from export.progress import Progress
 from export.quantize import QuantConfig
@@ -99,15 +100,6 @@ def _save_tokenizer(model_dir: Path, dst: Path, vocab_rows: int) -> dict[str, An
     return info
 
 
-def _pair_template(tokenizer: Any, path: Path) -> dict[str, list[int]]:
-    """The special-token ids around a (question, context) pair: the runtime checks its tokenizer
-    still produces them (engine.preprocess.check_template)."""
-    from engine.preprocess import learn_template
-
-    t = learn_template(tokenizer, path)
-    return {"prefix": t.prefix.tolist(), "middle": t.middle.tolist(), "suffix": t.suffix.tolist()}
-
-
 def _verification_batches(tokenizer: Any, pairs: list[Pair], max_seq_len: int, input_names: tuple[str, ...], pad_id: int) -> list[EncodedBatch]:
     """Batches at several lengths and batch sizes: (1, 64), (4, 128), (8, L) padded to L, (3, natural length)."""
     lengths = sorted({min(64, max_seq_len), min(128, max_seq_len), max_seq_len})
@@ -150,7 +142,6 @@ def export_bundle(model_dir: str | Path, out: str | Path, opts: ExportOptions | 
 
         tokenizer = Tokenizer.from_file(str(w.path("tokenizer.json")))
         pad_id = tok_info["pad_token_id"]
-        tok_info["pair_template"] = _pair_template(tokenizer, w.path("tokenizer.json"))
 
         pool = load_pairs(opts.calibration_data)
         random.Random(0).shuffle(pool)
@@ -257,35 +248,6 @@ def export_bundle(model_dir: str | Path, out: str | Path, opts: ExportOptions | 
         if "fp32" not in opts.precisions:
             fused.unlink()
 
-        manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model_type": spec.model_type,
-            "architecture": spec.architecture,
-            "source": {"path": str(model_dir.resolve()), "weights_sha256": weights_sha,
-                       "weights": [f.name for f in onnx_export.weight_files(model_dir)]},
-            "max_seq_len": opts.max_seq_len,
-            "vocab_size": tok_info["vocab_size"],
-            "model_vocab_size": spec.vocab_size,
-            "max_positions": spec.max_positions,
-            "do_lower_case": tok_info["do_lower_case"],
-            "inputs": list(spec.input_names),
-            "outputs": list(onnx_export.OUTPUT_NAMES),
-            "num_layers": spec.num_layers,
-            "hidden_size": spec.hidden_size,
-            "num_heads": spec.num_heads,
-            "native_encoder": native_record,
-            "tokenizer": {"path": "tokenizer.json", "sha256": "", **{k: v for k, v in tok_info.items() if k not in ("vocab_size", "do_lower_case")}},
-            "versions": _versions(),
-            "verification": verification,
-            "export": {"options": _options_record(opts), "seconds": progress.timings},
-        }
-        from engine.bundle import sha256_file
-
-        manifest["tokenizer"]["sha256"] = sha256_file(w.path("tokenizer.json"))
-        if opts.accuracy:
-            manifest["accuracy"] = opts.accuracy
-
         if opts.tensorrt:
             from export import tensorrt as trt_export
 
@@ -293,7 +255,29 @@ def export_bundle(model_dir: str | Path, out: str | Path, opts: ExportOptions | 
                 for precision in opts.tensorrt:
                     trt_export.build_into(w, precision, max_seq_len=opts.max_seq_len, input_names=spec.input_names)
 
-        manifest["export"]["seconds"]["total"] = round(time.perf_counter() - t_start, 3)
+        progress.timings["total"] = round(time.perf_counter() - t_start, 3)
+        manifest = Manifest(
+            model_type=spec.model_type,
+            architecture=spec.architecture,
+            source={"path": str(model_dir.resolve()), "weights_sha256": weights_sha,
+                    "weights": [f.name for f in onnx_export.weight_files(model_dir)]},
+            max_seq_len=opts.max_seq_len,
+            vocab_size=tok_info["vocab_size"],
+            model_vocab_size=spec.vocab_size,
+            max_positions=spec.max_positions,
+            do_lower_case=tok_info["do_lower_case"],
+            inputs=spec.input_names,
+            outputs=onnx_export.OUTPUT_NAMES,
+            num_layers=spec.num_layers,
+            hidden_size=spec.hidden_size,
+            num_heads=spec.num_heads,
+            native_encoder=native_record,
+            tokenizer=w.tokenizer_entry("tokenizer.json", tokenizer, tok_info),
+            versions=_versions(),
+            verification=verification,
+            export={"options": _options_record(opts), "seconds": progress.timings},
+            accuracy=opts.accuracy or None,
+        )
         path = w.commit(manifest)
     progress.log(f"[export] bundle written to {path} in {time.perf_counter() - t_start:.1f}s")
     return path
@@ -305,19 +289,20 @@ def _write_native(w: BundleWriter, model: Any, spec: Any, reference: list[Any], 
     computes it) and FP32 logits against PyTorch like the ONNX graphs, on this CPU's best path (else
     say why it was not checked). FP32 must stay within NATIVE_FP32_ATOL and give the same best spans."""
     from engine.backends.base import default_threads
-    from engine.backends.native import FORMAT, choose_isa, encoder_config, import_encoder
+    from engine.backends.native import FORMAT, choose_isa, import_encoder
     from engine.errors import BackendUnavailableError
+    from engine.native_weights import EncoderConfig
     from export.native import NATIVE_FILE, write_native
     from export.onnx import verify_against
 
     config, weights = write_native(model, spec, w.path(NATIVE_FILE))
-    entry = w.add_artifact(NATIVE_FILE, format=FORMAT, precision="fp32", encoder=config, computes=["int8", "bf16", "fp32"])
+    entry = w.add_artifact(NATIVE_FILE, format=FORMAT, precision="fp32", encoder=config.to_json(), computes=["int8", "bf16", "fp32"])
     try:
         module = import_encoder()
         isa = choose_isa(module)
     except BackendUnavailableError as e:
         return {"checked": False, "reason": str(e)}
-    checked_config = encoder_config(w.tmp, entry)  # what the backend will read from the manifest entry
+    checked_config = EncoderConfig.from_json(entry.details["encoder"], root=w.tmp).to_json()  # as the backend reads the entry
     figures: dict[str, Any] = {"checked": True, "isa": isa}
     for precision in module.isa_precisions(isa):
         enc = module.Encoder(checked_config, weights, precision, default_threads(), isa)

@@ -25,11 +25,12 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from engine.errors import BackendUnavailableError
+from engine.manifest import ArtifactEntry
 from export.errors import ExportError
 
 DEFAULT_BUCKETS = (64, 128, 256)  # upper bounds below max_seq_len; max_seq_len closes the last bucket
@@ -258,7 +259,7 @@ def _check_engine(trt: Any, logger: Any, plan: Path, input_names: tuple[str, ...
 
 
 def build_into(writer: Any, precision: str, *, max_seq_len: int, input_names: tuple[str, ...], progress: Any = None,
-               **kwargs: Any) -> dict[str, Any]:
+               **kwargs: Any) -> ArtifactEntry:
     """Build one plan inside a bundle being written (``export.bundle.BundleWriter``) and register it."""
     src_prec = INPUT_GRAPHS[precision]
     src = writer.path(f"model.trt.{src_prec}.onnx")
@@ -272,7 +273,8 @@ def build_into(writer: Any, precision: str, *, max_seq_len: int, input_names: tu
 def build_trt(bundle_dir: str | Path, precisions: tuple[str, ...] = ("fp16",), *, force: bool = False,
               boundaries: tuple[int, ...] = DEFAULT_BUCKETS, max_batch: int = DEFAULT_MAX_BATCH, opt_batch: int = DEFAULT_OPT_BATCH,
               workspace_mib: int = DEFAULT_WORKSPACE_MIB, timing_cache: str | Path | None = None) -> list[dict[str, Any]]:
-    """``python -m export build-trt``: add TensorRT plans to an existing bundle, on the target GPU.
+    """``python -m export build-trt``: add TensorRT plans to an existing bundle, on the target GPU;
+    returns their manifest entries (as JSON).
 
     Plans are written beside the bundle's files and the manifest is replaced atomically last, so
     an interrupted build leaves the bundle as it was (plus a stray temporary file at most).
@@ -283,7 +285,7 @@ def build_trt(bundle_dir: str | Path, precisions: tuple[str, ...] = ("fp16",), *
     require_tensorrt()
     bundle = load_bundle(bundle_dir, verify=True)
     manifest = bundle.manifest
-    entries = []
+    entries: list[ArtifactEntry] = []
     for precision in precisions:
         if precision not in PLAN_PATHS:
             raise ExportError(f"TensorRT precision {precision!r} is not supported (choose from {', '.join(PLAN_PATHS)})")
@@ -304,10 +306,11 @@ def build_trt(bundle_dir: str | Path, precisions: tuple[str, ...] = ("fp16",), *
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        entry = {"path": rel, "format": "tensorrt", "precision": precision, "sha256": sha256_file(bundle.root / rel),
-                 "bytes": (bundle.root / rel).stat().st_size, "source": src.path.name, **info}
-        manifest["artifacts"] = [a for a in manifest["artifacts"] if (a["format"], a["precision"]) != ("tensorrt", precision)] + [entry]
+        entry = ArtifactEntry(path=rel, format="tensorrt", precision=precision, sha256=sha256_file(bundle.root / rel),
+                              bytes=(bundle.root / rel).stat().st_size, details={"source": src.path.name, **info})
+        others = tuple(a for a in manifest.artifacts if (a.format, a.precision) != ("tensorrt", precision))
+        manifest = replace(manifest, artifacts=(*others, entry))
         write_manifest(bundle.root, manifest)
         entries.append(entry)
     load_bundle(bundle.root, verify=True)
-    return entries
+    return [e.to_json() for e in entries]

@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 import pytest
 
-from engine.bundle import FORMAT_VERSION, Bundle, check_tensorrt_plan, load_bundle, load_manifest
+from engine.bundle import Bundle, check_tensorrt_plan, load_bundle, load_manifest
+from engine.manifest import FORMAT_VERSION
 from engine.errors import BundleError
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "river", "flows", "north", "##s", "what", "?", "."]
@@ -102,9 +103,9 @@ def test_valid_bundle_loads_with_absolute_paths_and_lookups(tmp_path: Path) -> N
     assert b.precisions("onnx") == ("fp32", "int8")
     assert b.precisions("tensorrt") == ("fp16",)
     assert b.do_lower_case is True
-    # load_manifest accepts the folder or the manifest file and returns the parsed JSON
-    assert load_manifest(root)["model_type"] == "bert"
-    assert load_manifest(root / "manifest.json")["vocab_size"] == len(VOCAB)
+    # load_manifest accepts the folder or the manifest file and returns the checked manifest
+    assert load_manifest(root).model_type == "bert"
+    assert load_manifest(root / "manifest.json").vocab_size == len(VOCAB)
 
 
 @pytest.mark.parametrize("damage", ["missing", "altered", "truncated"])

@@ -40,8 +40,8 @@ def test_the_full_bundle_is_built_by_the_export_cli_and_records_the_measured_acc
 
     b = load_bundle(bundle)
     assert b.precisions("onnx") == dm.DEFAULT_PRECISIONS and b.find("native", "fp32") is not None
-    assert b.manifest["accuracy"] == dm.MEASURED_ACCURACY
-    assert b.manifest["verification"]["native"]["checked"] is True  # the native encoder runs on every CPU
+    assert b.manifest.accuracy == dm.MEASURED_ACCURACY
+    assert b.manifest.verification["native"]["checked"] is True  # the native encoder runs on every CPU
     assert bundle.name.endswith(f"-r{dm.BUNDLE_RECIPE}")
     assert [p.name for p in bundle.parent.iterdir() if p.name.startswith(".")] == []  # no temporary export left
 
@@ -59,8 +59,8 @@ def test_the_native_bundle_holds_the_exported_weights_bit_for_bit(bundle: Path, 
     with np.load(a.path) as wa, np.load(b.path) as wb:
         assert sorted(wa.files) == sorted(wb.files)
         assert all(np.array_equal(wa[k], wb[k]) for k in wa.files)
-    assert native.pair_template == full.pair_template and native.manifest["tokenizer"]["cls_token_id"] == 101
-    assert native.manifest["accuracy"]["native_int8"] == dm.MEASURED_ACCURACY["native_int8"]
+    assert native.pair_template == full.pair_template and native.manifest.tokenizer.cls_token_id == 101
+    assert native.manifest.accuracy["native_int8"] == dm.MEASURED_ACCURACY["native_int8"]
     examples = _fixed_questions(20)
     qs, cs = [e.question for e in examples], [e.context for e in examples]
     with Engine(bundle, backend="native") as e1, Engine(native.root, backend="native") as e2:

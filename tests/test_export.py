@@ -117,7 +117,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, 
 def test_bundle_structure_and_manifest(exported: dict[str, tuple[Path, Path]], family: str) -> None:
     ckpt, path = exported[family]
     b = load_bundle(path)  # the runtime's own loader, every sha256 checked
-    m = b.manifest
+    m = b.manifest.to_json()  # the manifest as written
     assert b.model_type == family and m["architecture"].lower().startswith(family)
     assert list(b.input_names) == INPUTS[family]
     assert b.max_seq_len == SEQ
@@ -156,7 +156,7 @@ def test_onnx_matches_pytorch_on_fresh_inputs(exported: dict[str, tuple[Path, Pa
 
     ckpt, path = exported[family]
     b = load_bundle(path)
-    model = getattr(tf, b.manifest["architecture"]).from_pretrained(str(ckpt), attn_implementation="eager").eval()
+    model = getattr(tf, b.manifest.architecture).from_pretrained(str(ckpt), attn_implementation="eager").eval()
     rng = np.random.default_rng(1)
     ids = rng.integers(5, min(b.vocab_size, 30000), size=(3, 53)).astype(np.int64)
     mask = np.ones_like(ids)
@@ -185,7 +185,7 @@ def test_onnx_matches_pytorch_on_fresh_inputs(exported: dict[str, tuple[Path, Pa
 @pytest.mark.parametrize("family", list(INPUTS))
 def test_int8_gives_the_same_best_span_on_most_cases(exported: dict[str, tuple[Path, Path]], family: str) -> None:
     b = load_bundle(exported[family][1])
-    figures = b.manifest["verification"]["onnx_int8"]
+    figures = b.manifest.verification["onnx_int8"]
     assert figures["rows"] >= 16
     assert figures["span_agreement"] >= 0.75
     q = b.find("onnx", "int8").info["quantization"]
@@ -283,7 +283,7 @@ def test_static_int8_and_tensorrt_graphs(exported: dict[str, tuple[Path, Path]],
     assert b.precisions("onnx") == ("int8",) and b.precisions("onnx-trt") == ("fp16", "int8")
     q = b.find("onnx", "int8").info["quantization"]
     assert q["recipe"] == "static" and q["calibration_batches"] == 16
-    assert b.manifest["verification"]["onnx_int8"]["span_agreement"] >= 0.75
+    assert b.manifest.verification["onnx_int8"]["span_agreement"] >= 0.75
 
     # FP16 TensorRT graph: LayerNorm and Softmax compute in fp32 (Cast islands), I/O stays fp32.
     g16 = onnx.shape_inference.infer_shapes(onnx.load(str(b.find("onnx-trt", "fp16").path)))
@@ -293,7 +293,7 @@ def test_static_int8_and_tensorrt_graphs(exported: dict[str, tuple[Path, Path]],
     matmul_w = [i for i in g16.graph.initializer if len(i.dims) == 2 and i.dims[-1] != 2]
     assert matmul_w and all(i.data_type == onnx.TensorProto.FLOAT16 for i in matmul_w)
     assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in g16.graph.output)
-    assert b.manifest["verification"]["onnx_trt_fp16"]["span_agreement"] >= 0.9
+    assert b.manifest.verification["onnx_trt_fp16"]["span_agreement"] >= 0.9
 
     # INT8 TensorRT graph: symmetric int8 Q/DQ (zero points all 0), per-channel weights.
     g8 = onnx.load(str(b.find("onnx-trt", "int8").path))
@@ -330,7 +330,7 @@ def test_calibration_data_options(exported: dict[str, tuple[Path, Path]], tmp_pa
     opts = ExportOptions(max_seq_len=SEQ, precisions=("int8",), int8=QuantConfig(recipe="static"), calibration_data=str(path),
                          calibration_samples=8, quiet=True)
     b = load_bundle(export_bundle(ckpt, tmp_path / "b", opts))
-    assert b.manifest["verification"]["data"] == str(path)
+    assert b.manifest.verification["data"] == str(path)
     with pytest.raises(ExportError, match=r"--calibration-samples 100 > the 28 pairs available"):
         export_bundle(ckpt, tmp_path / "c", ExportOptions(max_seq_len=SEQ, precisions=("int8",), int8=QuantConfig(recipe="static"),
                                                          calibration_data=str(path), calibration_samples=100, quiet=True))
@@ -352,7 +352,7 @@ def test_accuracy_figures_are_recorded(exported: dict[str, tuple[Path, Path]], t
     figures = {"int8": {"onnxruntime-cpu": {"dataset": "squad-v1.1-dev", "exact_match": 70.0, "f1": 80.0}}}
     b = load_bundle(export_bundle(exported["bert"][0], tmp_path / "b", ExportOptions(max_seq_len=SEQ, precisions=("fp32",),
                                                                                     tensorrt_onnx=(), accuracy=figures, quiet=True)))
-    assert b.manifest["accuracy"] == figures and b.precisions("onnx-trt") == ()
+    assert b.manifest.accuracy == figures and b.precisions("onnx-trt") == ()
 
 
 def test_record_accuracy_keeps_the_bundle_valid(exported: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
@@ -360,4 +360,4 @@ def test_record_accuracy_keeps_the_bundle_valid(exported: dict[str, tuple[Path, 
 
     copy = Path(shutil.copytree(exported["electra"][1], tmp_path / "copy"))
     record_accuracy(copy, "int8", {"dataset": "squad-v1.1-dev", "exact_match": 70.0, "f1": 80.0})
-    assert load_bundle(copy).manifest["accuracy"]["int8"]["onnxruntime-cpu"]["f1"] == 80.0
+    assert load_bundle(copy).manifest.accuracy["int8"]["onnxruntime-cpu"]["f1"] == 80.0

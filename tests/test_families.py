@@ -211,7 +211,7 @@ def test_word_spans_are_the_pipeline_words(fam: Family) -> None:
 def test_manifest_records_the_family(fam: Family) -> None:
     f, family = fam, fam.name
     b = load_bundle(f.bundle)
-    m = b.manifest
+    m = b.manifest.to_json()  # the manifest as written
     entry = SUPPORTED[family]
     assert m["model_type"] == family and m["architecture"] == entry.architecture
     assert b.precisions("onnx") == ("fp32", "int8", "fp16") and b.precisions("onnx-trt") == ("fp16",)
@@ -257,7 +257,7 @@ def test_auto_picks_a_backend_that_runs_the_bundle_and_says_why(fam: Family) -> 
         else:
             assert eng.backend == "onnxruntime"
             (note,) = [n for n in eng.backend_notes if n.startswith("native:")]
-            record = b.manifest["native_encoder"]
+            record = b.manifest.native_encoder
             assert (native_here or "") in note if record["written"] else record["reason"] in note
         q, c = f.pairs[0]
         assert eng.answer(q, c).text
@@ -268,7 +268,7 @@ def test_native_fp32_answers_equal_onnxruntime_fp32(fam: Family) -> None:
     # as the verified ONNX graph does (the export checked its logits against PyTorch too)
     f = fam
     if not load_bundle(f.bundle).precisions("native"):
-        pytest.skip(f"no native weights for {f.name}: {load_bundle(f.bundle).manifest['native_encoder']['reason']}")
+        pytest.skip(f"no native weights for {f.name}: {load_bundle(f.bundle).manifest.native_encoder['reason']}")
     if _native_runs_here() is not None:
         pytest.skip(f"the native encoder does not run here: {_native_runs_here()}")
     with Engine(f.bundle, backend="onnxruntime", precision="fp32", threads=1) as ort, \

@@ -107,7 +107,7 @@ def _encoder(model: Any, spec: Any, precision: str, threads: int = 2, isa: str =
     from export.native import native_weights
 
     config, weights = native_weights(model, spec)
-    return _encoder.Encoder(config, weights, precision, threads, isa)
+    return _encoder.Encoder(config.to_json(), weights, precision, threads, isa)
 
 
 def _run(enc: Any, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -231,16 +231,16 @@ def test_bad_inputs_are_value_errors() -> None:
     from export.native import native_weights
 
     config, weights = native_weights(model, spec)
-    del weights["layers.1.ffn_out.bias"]
-    with pytest.raises(ValueError, match="'layers.1.ffn_out.bias' is missing"):
-        module.Encoder(config, weights, "int8", 1)
     with pytest.raises(ValueError, match="'int8', 'bf16' or 'fp32'"):
-        module.Encoder(*native_weights(model, spec), "fp16", 1)
+        module.Encoder(config.to_json(), weights, "fp16", 1)
     with pytest.raises(ValueError, match="unknown instruction-set path 'sse9'"):
-        module.Encoder(*native_weights(model, spec), "fp32", 1, "sse9")
+        module.Encoder(config.to_json(), weights, "fp32", 1, "sse9")
     if "bf16" not in module.isa_precisions("generic"):
         with pytest.raises(RuntimeError, match="generic path does not compute bf16"):
-            module.Encoder(*native_weights(model, spec), "bf16", 1, "generic")
+            module.Encoder(config.to_json(), weights, "bf16", 1, "generic")
+    del weights["layers.1.ffn_out.bias"]
+    with pytest.raises(ValueError, match="'layers.1.ffn_out.bias' is missing"):
+        module.Encoder(config.to_json(), weights, "int8", 1)
 
 
 def test_unsupported_activation_is_refused_at_export() -> None:
@@ -267,7 +267,7 @@ def test_the_tanh_gelu_of_albert_checkpoints_matches_pytorch(isa: str, hidden_ac
                                   max_position_embeddings=96, initializer_range=0.1, hidden_act=hidden_act)
     model = transformers.BertForQuestionAnswering(cfg).eval()
     config, weights = native_weights(model, _spec("bert", cfg))
-    assert config["activation"] == "gelu_tanh"
+    assert config.activation == "gelu_tanh"
     feeds = _inputs("bert", [57, 33, 1, 90], 90)
     ref = _torch(model, feeds)
     mask = feeds["attention_mask"].astype(bool)
@@ -275,11 +275,11 @@ def test_the_tanh_gelu_of_albert_checkpoints_matches_pytorch(isa: str, hidden_ac
         _skip_unless_runs(isa, precision)
         from engine import _encoder
 
-        got = _run(_encoder.Encoder(config, weights, precision, 2, isa), feeds)
+        got = _run(_encoder.Encoder(config.to_json(), weights, precision, 2, isa), feeds)
         for r, g in zip(ref, got):
             scale = float(np.abs(r[mask]).max())
             assert float(np.abs(r - g)[mask].max()) <= TOLERANCE[precision] * scale, (isa, precision)
-    exact = {**config, "activation": "gelu"}  # the other GELU gives other logits: the setting is used
+    exact = {**config.to_json(), "activation": "gelu"}  # the other GELU gives other logits: the setting is used
     assert not np.allclose(_run(_encoder.Encoder(exact, weights, "fp32", 2, isa), feeds)[0][mask], ref[0][mask], atol=1e-5)
 
 
@@ -378,7 +378,7 @@ def test_export_writes_and_checks_the_native_weights_and_the_engine_runs_them(tm
     b = load_bundle(path)
     art = b.find("native", "fp32")
     assert art is not None and art.info["encoder"]["hidden_size"] == 64 and art.info["encoder"]["num_layers"] == 2
-    checked = b.manifest["verification"]["native"]
+    checked = b.manifest.verification["native"]
     assert checked["checked"] is True and checked["int8"]["rows"] == 16 and checked["bf16"]["max_abs_diff"] < 0.1
     assert checked["fp32"]["max_abs_diff"] < 1e-3 and checked["fp32"]["span_agreement"] == 1.0
     context = "the river runs past the old mill and the bridge near the town"

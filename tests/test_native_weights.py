@@ -17,7 +17,7 @@ from engine import Engine
 from engine.bundle import load_bundle
 from engine.errors import BundleError, UnsupportedCheckpointError
 from engine.native_bundle import build_native_bundle, read_safetensors
-from engine.native_weights import FAMILIES, native_weights
+from engine.native_weights import FAMILIES, EncoderConfig, native_weights
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -32,7 +32,7 @@ QUESTIONS = [
 ]
 
 
-def _torch_path(ckpt: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _torch_path(ckpt: Path) -> tuple[EncoderConfig, dict[str, np.ndarray]]:
     """The export stage's mapping: the checkpoint loaded by PyTorch (as export loads it)."""
     from export.native import native_weights as export_native_weights
     from export.onnx import inspect_checkpoint, load_model
@@ -41,12 +41,12 @@ def _torch_path(ckpt: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     return export_native_weights(load_model(spec), spec)
 
 
-def _numpy_path(ckpt: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def _numpy_path(ckpt: Path) -> tuple[EncoderConfig, dict[str, np.ndarray]]:
     config = json.loads((ckpt / "config.json").read_text())
     return native_weights(read_safetensors(ckpt / "model.safetensors"), config)
 
 
-def _assert_same(a: tuple[dict[str, Any], dict[str, np.ndarray]], b: tuple[dict[str, Any], dict[str, np.ndarray]]) -> None:
+def _assert_same(a: tuple[EncoderConfig, dict[str, np.ndarray]], b: tuple[EncoderConfig, dict[str, np.ndarray]]) -> None:
     assert a[0] == b[0]
     assert sorted(a[1]) == sorted(b[1])
     for name in a[1]:
@@ -141,11 +141,11 @@ def test_native_bundle_answers_exactly_as_the_exported_bundle(tmp_path: Path, fa
     # what the runtime reads from the manifest is the same
     for key in ("model_type", "architecture", "max_seq_len", "vocab_size", "model_vocab_size", "max_positions", "do_lower_case",
                 "inputs", "outputs", "num_layers", "hidden_size", "num_heads", "tokenizer"):
-        want, got = exported.manifest[key], native.manifest[key]
+        want, got = exported.manifest.to_json()[key], native.manifest.to_json()[key]
         if key == "tokenizer":
             want, got = {k: v for k, v in want.items() if k != "sha256"}, {k: v for k, v in got.items() if k != "sha256"}
         assert got == want, key
-    assert native.manifest["source"]["weights_sha256"] == exported.manifest["source"]["weights_sha256"]
+    assert native.manifest.source["weights_sha256"] == exported.manifest.source["weights_sha256"]
     a, b = exported.find("native", "fp32"), native.find("native", "fp32")
     assert a is not None and b is not None and a.info["encoder"] == b.info["encoder"]
     with np.load(a.path) as wa, np.load(b.path) as wb:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +41,7 @@ from engine.backends.base import (
 )
 from engine.bundle import Bundle
 from engine.errors import BackendUnavailableError, BundleError, InvalidInputError
+from engine.native_weights import EncoderConfig
 
 NAME = "native"
 FORMAT = "native"  # the bundle artifact: float32 weights (.npz) + the encoder config in the manifest
@@ -51,9 +51,6 @@ ISA_ENV = "SPANRT_CPU_ISA"
 # (README, "The native encoder on every CPU"). The generic C++ path is correct, not tuned: "auto"
 # leaves it to ONNX Runtime, and backend="native" still runs it.
 AUTO_ISAS = ("amx", "avx512_bf16", "avx512_vnni", "avx2_vnni", "avx2", "neon_i8mm", "neon")
-CONFIG_KEYS = ("vocab_size", "max_positions", "type_vocab_size", "embedding_size", "hidden_size", "num_layers", "num_heads",
-               "intermediate_size", "position_offset", "layer_norm_eps")
-ACTIVATIONS = ("gelu", "gelu_tanh")  # the exact GELU, or its tanh approximation (ALBERT's gelu_new)
 BUILD_HINT = ("reinstall spanrt with a C++17 compiler that knows this CPU's instruction sets (x86-64: GCC 11+ or Clang 12+; "
               "AArch64: -march=armv8.2-a+dotprod+i8mm, GCC 10+); SPANRT_ENCODER=ON makes the build fail loudly instead of leaving it out")
 
@@ -98,18 +95,6 @@ def _slower_than_onnxruntime(isa: str) -> str | None:
     return None
 
 
-def encoder_config(root: Path, info: Mapping[str, Any]) -> dict[str, Any]:
-    """The encoder config recorded in the manifest's native artifact entry of bundle ``root`` (checked)."""
-    cfg = info.get("encoder")
-    fix = f"export the bundle again: python -m export MODEL_DIR --out {root} --force"
-    if not isinstance(cfg, dict) or any(k not in cfg for k in CONFIG_KEYS):
-        raise BundleError(f"bundle {root}: the native artifact's 'encoder' config is missing or lacks {CONFIG_KEYS}. Fix: {fix}")
-    activation = cfg.get("activation", "gelu")
-    if activation not in ACTIVATIONS:
-        raise BundleError(f"bundle {root}: the native encoder computes {' or '.join(ACTIVATIONS)}, the manifest says {activation!r}")
-    return {**{k: cfg[k] for k in CONFIG_KEYS}, "activation": activation}
-
-
 class NativeCPU(Backend):
     """The native encoder on the bundle's float32 weights: INT8, BF16 or FP32 on this CPU's best path."""
 
@@ -130,7 +115,7 @@ class NativeCPU(Backend):
         """Whether the encoder module was built and runs the path ``options.cpu_isa`` caps it to
         (an unknown path name is an InvalidInputError); with ``auto``, also whether that path is
         one "auto" uses (AUTO_ISAS). A bundle whose export wrote no native weights says why."""
-        record = bundle.manifest.get("native_encoder")  # the export's word on why it wrote no weights
+        record = bundle.manifest.native_encoder  # the export's word on why it wrote no weights
         if not bundle.precisions(FORMAT) and isinstance(record, dict) and record.get("reason"):
             return Availability(f"backend 'native' needs the fp32 native model, but bundle {bundle.root} has no native "
                                 f"encoder weights: {record['reason']}")
@@ -154,7 +139,7 @@ class NativeCPU(Backend):
         if "attention_mask" not in bundle.input_names:  # the encoder finds each window's length in it
             raise BundleError(f"bundle {bundle.root}: the native backend needs an attention_mask input, the manifest lists "
                               f"{bundle.input_names}. Fix: export the bundle again with python -m export")
-        config = encoder_config(bundle.root, artifact.info)
+        config = EncoderConfig.from_json(artifact.info.get("encoder"), root=bundle.root)
         module = import_encoder()
         isa = choose_isa(module, cpu_isa)
         if precision not in module.isa_precisions(isa):
@@ -169,7 +154,7 @@ class NativeCPU(Backend):
                               f"Fix: export the bundle again with python -m export") from e
         self.threads = threads or default_threads()
         try:
-            self.encoder = module.Encoder(config, weights, precision, self.threads, isa)
+            self.encoder = module.Encoder(config.to_json(), weights, precision, self.threads, isa)
         except ValueError as e:
             raise BundleError(f"bundle {bundle.root}: {artifact.path.name}: {e}. Fix: export the bundle again with python -m export") from e
         except RuntimeError as e:
@@ -184,7 +169,7 @@ class NativeCPU(Backend):
                         "cpu_features": [k for k, v in module.cpu_features().items() if v is True],
                         "padding_computed": False,
                         "max_batch_tokens": self.max_batch_tokens, "call_cost_tokens": self.call_cost_tokens,
-                        "config": config}
+                        "config": config.to_json()}
 
     def run(self, feeds: Mapping[str, np.ndarray], consume: Consume[T]) -> T:
         """Run the encoder (GIL released; concurrent calls take turns) and pass the host logits on."""

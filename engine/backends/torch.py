@@ -44,7 +44,7 @@ def import_torch() -> tuple[Any, Any]:
 
 def source_checkpoint(bundle: Bundle) -> Path:
     """The checkpoint folder the bundle was exported from (absolute, or relative to the bundle)."""
-    source = bundle.manifest.get("source")
+    source = bundle.manifest.source
     path = source.get("path") if isinstance(source, dict) else None
     if not isinstance(path, str) or not path:
         raise BackendUnavailableError(f"bundle {bundle.root}: the manifest records no source checkpoint path, which the torch backend loads")
