@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from engine.options import DEFAULTS
+
 
 def realistic_logits(batch: int, seq_len: int, context_len: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Start/end logits and context mask shaped like a QA model's output on padded windows."""
@@ -197,7 +199,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=384)
     parser.add_argument("--context-tokens", type=int, default=300)
-    parser.add_argument("--max-answer-len", type=int, default=30)
+    parser.add_argument("--max-answer-len", type=int, default=DEFAULTS.max_answer_len)
     parser.add_argument("--top-k", type=int, nargs="+", default=[1, 20])
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--json", type=Path, help="also write the figures here")

@@ -102,6 +102,7 @@ def worker(batches: int, seed: int) -> dict[str, Any]:
     from bench.decode import realistic_logits
     from engine import _kernels
     from engine.decode import SpanSearchResult, span_search
+    from engine.options import DEFAULTS
 
     assert _kernels.WITH_CUDA, "engine._kernels was built without CUDA"
     rng = np.random.default_rng(seed)
@@ -143,17 +144,18 @@ def worker(batches: int, seed: int) -> dict[str, Any]:
 
     timings = []
     sync = torch.cuda.synchronize
+    max_len = DEFAULTS.max_answer_len  # span_search's default, which the timed calls use
     for batch in (1, 32, 256):
         start, end, mask = realistic_logits(batch, 384, 300, seed=batch)
         d_start, d_end, d_mask = (torch.from_numpy(a).cuda() for a in (start, end, mask))
         positions = torch.arange(384, device="cuda")
-        band = (positions[None, :] >= positions[:, None]) & (positions[None, :] - positions[:, None] < 30)
+        band = (positions[None, :] >= positions[:, None]) & (positions[None, :] - positions[:, None] < max_len)
         for top_k in (1, 20):
             out = SpanSearchResult(torch.empty((batch, top_k, 2), dtype=torch.int64, device="cuda"),
                                    torch.empty((batch, top_k), dtype=torch.float32, device="cuda"))
             reference = span_search(start, end, mask, top_k=top_k)
             assert np.array_equal(span_search(d_start, d_end, d_mask, top_k=top_k)[0], reference[0])
-            row = {"batch": batch, "seq_len": 384, "max_answer_len": 30, "top_k": top_k}
+            row = {"batch": batch, "seq_len": 384, "max_answer_len": max_len, "top_k": top_k}
             candidates = {
                 "kernel_results_to_host": lambda: span_search(d_start, d_end, d_mask, top_k=top_k),
                 "kernel_results_on_device": lambda: span_search(d_start, d_end, d_mask, top_k=top_k, out=out),

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from bench.base import Artifacts, System
 
+from engine.options import DEFAULTS
+
 BASELINE = "transformers-pytorch-fp32"
 
 
@@ -23,13 +25,13 @@ BASELINE = "transformers-pytorch-fp32"
 class QASettings:
     """Answering settings, identical for every system (names as in the Hugging Face pipeline)."""
 
-    top_k: int = 1
-    max_answer_len: int = 30
-    max_seq_len: int = 384
+    top_k: int = DEFAULTS.top_k  # SpanRT's defaults (engine.options), except:
+    max_answer_len: int = DEFAULTS.max_answer_len
+    max_seq_len: int = 384  # the Hugging Face pipeline's window and stride, which every system uses
     doc_stride: int = 128
-    max_question_len: int = 64
-    align_to_words: bool = True  # the Hugging Face pipeline's default
-    handle_impossible_answer: bool = False  # True for SQuAD v2.0 files
+    max_question_len: int = DEFAULTS.max_question_len
+    align_to_words: bool = DEFAULTS.align_to_words  # also the Hugging Face pipeline's default
+    handle_impossible_answer: bool = DEFAULTS.handle_impossible  # True for SQuAD v2.0 files
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as printed and stored in results.json."""

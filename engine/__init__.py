@@ -30,15 +30,16 @@ if TYPE_CHECKING:
     from engine.api import Answer, Engine, answer
     from engine.dynamic_batching import BatchingEngine
     from engine.hf_pipeline import QAPipeline, pipeline
+    from engine.options import AnswerOptions
 
 __all__ = [
-    "Answer", "BackendUnavailableError", "BatchingEngine", "BundleError", "CallCancelledError", "Engine",
+    "Answer", "AnswerOptions", "BackendUnavailableError", "BatchingEngine", "BundleError", "CallCancelledError", "Engine",
     "EngineClosedError", "InvalidInputError", "QAPipeline", "QueueFullError", "RequestTimeoutError", "RequestTooLargeError",
     "SpanRTError", "UnknownOptionError", "UnsupportedCheckpointError", "WorkerDiedError", "answer", "errors", "pipeline",
 ]
 
 # the runtime's public names, each imported from its module on first use
-_LAZY = {"Answer": "engine.api", "Engine": "engine.api", "answer": "engine.api",
+_LAZY = {"Answer": "engine.api", "Engine": "engine.api", "answer": "engine.api", "AnswerOptions": "engine.options",
          "BatchingEngine": "engine.dynamic_batching", "QAPipeline": "engine.hf_pipeline", "pipeline": "engine.hf_pipeline"}
 
 

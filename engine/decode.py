@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from engine.errors import BackendUnavailableError, brief
+from engine.options import DEFAULTS
 
 try:
     from engine import _kernels
@@ -108,8 +109,8 @@ def span_search(
     end_logits: Any,
     mask: Any,
     *,
-    max_answer_len: int = 30,
-    top_k: int = 1,
+    max_answer_len: int = DEFAULTS.max_answer_len,
+    top_k: int = DEFAULTS.top_k,
     return_lse: bool = False,
     return_null: bool = False,
     stream: Any = None,
@@ -184,8 +185,8 @@ def reference_span_search(
     end_logits: Any,
     mask: Any,
     *,
-    max_answer_len: int = 30,
-    top_k: int = 1,
+    max_answer_len: int = DEFAULTS.max_answer_len,
+    top_k: int = DEFAULTS.top_k,
     return_lse: bool = False,
     return_null: bool = False,
     stream: Any = None,

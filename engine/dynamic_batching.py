@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import inspect
 import logging
 import math
 import os
@@ -28,7 +27,8 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.api import Engine, Result, normalize_inputs
+from engine.answering import normalize_inputs
+from engine.api import Engine, Result
 from engine.bundle import Bundle
 from engine.errors import (
     CallCancelledError,
@@ -40,6 +40,7 @@ from engine.errors import (
     WorkerDiedError,
     brief,
 )
+from engine.options import option_defaults
 
 __all__ = ["BatchingEngine", "QueueFullError", "RequestTimeoutError", "WorkerDiedError"]
 
@@ -51,12 +52,10 @@ DEFAULT_TIMEOUT_S = 30.0
 MAX_DELAY_MS = 60_000.0  # a minute: waiting longer for batch mates is a mistake, not a setting
 MAX_TIMEOUT_S = 86_400.0  # a day (and below threading.TIMEOUT_MAX); None means no limit
 
-# The answering options and their defaults, read off Engine.answer_batch (one source of truth);
-# should_stop is not an option of a call but how this module stops the calls nobody waits for.
-_OPTION_DEFAULTS: dict[str, Any] = {
-    name: p.default for name, p in inspect.signature(Engine.answer_batch).parameters.items()
-    if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "should_stop"
-}
+# Every answering option a call may pass, with its default (engine.options owns them). Calls are
+# grouped by their full option set; the values are checked when their batch runs, so a bad value
+# fails its own call alone (see _run).
+_OPTION_DEFAULTS = option_defaults()
 
 
 _USE_DEFAULT: Any = object()  # "timeout not given": use the engine's timeout_s

@@ -8,6 +8,7 @@ from typing import Any
 
 from engine.api import DEFAULT_MAX_BATCH_SIZE, Engine
 from engine.errors import InvalidInputError
+from engine.options import DEFAULTS
 from engine.postprocess import Answer
 
 __all__ = ["QAPipeline", "pipeline"]
@@ -51,7 +52,7 @@ class QAPipeline:
             raise InvalidInputError("both question and context are required")
         options.setdefault("max_answer_len", PIPELINE_MAX_ANSWER_LEN)
         result = self.engine.answer(question, context, **options)
-        top_k = options.get("top_k", 1)
+        top_k = options.get("top_k", DEFAULTS.top_k)
         if isinstance(question, (list, tuple)) or isinstance(context, (list, tuple)):
             return [_pipeline_shape(_as_dicts(r), top_k) for r in result]  # type: ignore[union-attr]
         return _pipeline_shape(_as_dicts(result), top_k)

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 
 from engine.errors import BundleError
-from engine.preprocess import Example
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,25 +169,25 @@ def _merge_window(best: dict[str, tuple[float, int, int]], text: str, starts: li
 
 
 def finalize(
-    example: Example,
     cand: Candidates,
+    text: str,
+    char_start: np.ndarray,
+    char_end: np.ndarray,
+    warnings: tuple[str, ...],
     *,
     top_k: int,
-    align_to_words: bool,
     handle_impossible: bool,
     null_threshold: float,
     backend: str,
     precision: str,
 ) -> list[Answer]:
-    """The example's best ``top_k`` answers, best first (fewer when fewer distinct ones exist)."""
-    ctx = example.context
-    text = ctx.text
+    """The best ``top_k`` answers of one example, best first (fewer when fewer distinct ones exist).
+
+    ``text`` is its context and ``char_start``/``char_end`` the [start, end) characters each context
+    token points at (its whole word's with align_to_words); ``warnings`` go on every answer.
+    """
     best: dict[str, tuple[float, int, int]] = {}  # key -> (score, start, end)
     if cand.start:
-        if align_to_words:
-            char_start, char_end = ctx.word_char_spans
-        else:
-            char_start, char_end = ctx.offsets[:, 0], ctx.offsets[:, 1]
         # Windows in order of their total candidate probability, which bounds any answer they
         # can give: once top_k answers beat the next window's total, no later window can matter
         # (the answer is exact; a 1 MB context stops after a few of its thousands of windows).
@@ -202,7 +201,6 @@ def finalize(
                     break
             _merge_window(best, text, char_start[cand.start[w]].tolist(), char_end[cand.end[w]].tolist(), cand.prob[w].tolist())
     ranked = sorted(best.values(), key=lambda c: (-c[0], c[1], c[2]))
-    warnings = example.warnings
     answers = [Answer(text[a:z], a, z, p, backend, precision, False, warnings) for p, a, z in ranked[:top_k]]
     if handle_impossible and math.isfinite(cand.null_prob):
         null = Answer("", 0, 0, cand.null_prob, backend, precision, True, warnings)

@@ -21,7 +21,6 @@ import numpy as np
 from engine.errors import BundleError, InvalidInputError
 
 DEFAULT_DOC_STRIDE = 128
-DEFAULT_MAX_QUESTION_LEN = 64
 # Up to this many texts are encoded one by one: for a single (question, context) pair the
 # tokenizers thread pool costs more than it saves (measured: 0.20 ms serial vs 0.28 ms batched).
 SERIAL_ENCODE_MAX = 2

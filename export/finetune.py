@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.options import DEFAULTS
 from export.squad_data import SquadExample, load_squad
 
 log = logging.getLogger("spanrt.finetune")
@@ -38,7 +39,7 @@ class FinetuneConfig:
     out_dir: str
     max_seq_len: int = 256
     doc_stride: int = 128
-    max_question_len: int = 64
+    max_question_len: int = DEFAULTS.max_question_len  # as the runtime truncates questions
     epochs: float = 1.0
     max_steps: int = 0  # > 0 overrides epochs
     learning_rate: float = 1e-4

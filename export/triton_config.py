@@ -11,6 +11,7 @@ from typing import Any
 from engine.backends import AUTO_ORDER, BACKENDS, Backend, backend_class
 from engine.bundle import Artifact, Bundle
 from export.errors import ExportError
+from export.triton_model import HANDOFF
 from export.triton_options import (
     ANSWER_OUTPUTS,
     CPU_MODEL,
@@ -194,9 +195,10 @@ def configs(bundle: Bundle, opts: TritonOptions) -> tuple[ModelChoice, dict[str,
     out_types = {n: _NP_TO_TRITON[choice.output_dtypes[n]] for n in ("start_logits", "end_logits")}
     strings = [_tensor("QUESTION", "TYPE_STRING", [1]), _tensor("CONTEXT", "TYPE_STRING", [1])]
     python_group = [{"kind": Enum("KIND_CPU"), "count": opts.python_instances}]
+    handoff = [_tensor(n, t, dims) for n, t, dims in HANDOFF]  # tokenize -> decode: decode never tokenizes again
 
     tokenize = {"name": TOKENIZE, "backend": "python", "max_batch_size": 0, "input": strings,
-                "output": [_tensor(n, in_types[n], [-1, -1]) for n in names], "instance_group": python_group,
+                "output": [*(_tensor(n, in_types[n], [-1, -1]) for n in names), *handoff], "instance_group": python_group,
                 "parameters": _parameters(_stage_parameters(bundle, choice, opts, "tokenize"))}
     batching: dict[str, Any] = {"max_queue_delay_microseconds": opts.max_queue_delay_us}
     if opts.max_queue_size:
@@ -209,7 +211,7 @@ def configs(bundle: Bundle, opts: TritonOptions) -> tuple[ModelChoice, dict[str,
              "output": [_tensor(n, out_types[n], [-1]) for n in ("start_logits", "end_logits")],
              "instance_group": [group], "dynamic_batching": batching}
     decode = {"name": DECODE, "backend": "python", "max_batch_size": 0,
-              "input": [*strings, *(_tensor(n, out_types[n], [-1, -1]) for n in ("start_logits", "end_logits"))],
+              "input": [strings[1], *handoff, *(_tensor(n, out_types[n], [-1, -1]) for n in ("start_logits", "end_logits"))],
               "output": [_tensor(n, t, [-1]) for n, t in ANSWER_OUTPUTS], "instance_group": python_group,
               "parameters": _parameters(_stage_parameters(bundle, choice, opts, "decode"))}
 
@@ -220,9 +222,10 @@ def configs(bundle: Bundle, opts: TritonOptions) -> tuple[ModelChoice, dict[str,
     ensemble = {"name": ENSEMBLE, "platform": "ensemble", "max_batch_size": 0, "input": strings,
                 "output": [_tensor(n, t, [-1]) for n, t in ANSWER_OUTPUTS],
                 "ensemble_scheduling": {"step": [
-                    step(TOKENIZE, ["QUESTION", "CONTEXT"], names),
+                    step(TOKENIZE, ["QUESTION", "CONTEXT"], [*names, *(t["name"] for t in handoff)]),
                     step(MODEL, names, ["start_logits", "end_logits"]),
-                    step(DECODE, ["QUESTION", "CONTEXT", "start_logits", "end_logits"], [n for n, _ in ANSWER_OUTPUTS]),
+                    step(DECODE, ["CONTEXT", *(t["name"] for t in handoff), "start_logits", "end_logits"],
+                         [n for n, _ in ANSWER_OUTPUTS]),
                 ]}}
     return choice, {TOKENIZE: tokenize, MODEL: model, DECODE: decode, ENSEMBLE: ensemble}
 

@@ -13,35 +13,45 @@ The GPU repository (``--target gpu``, an ensemble) has two:
 
 * ``tokenize``: QUESTION, CONTEXT (one string each) -> the model inputs of every doc-stride window
   of the pair, [windows, length] int arrays, padded to a length bucket so that Triton's dynamic
-  batcher can put windows of different requests into one model batch (it batches equal shapes);
-* ``decode``: QUESTION, CONTEXT, start_logits, end_logits -> ANSWER, SCORE, START, END,
+  batcher can put windows of different requests into one model batch (it batches equal shapes),
+  and the HANDOFF tensors: what decoding needs of the tokenization (windows, token characters);
+* ``decode``: CONTEXT, the HANDOFF tensors, start_logits, end_logits -> ANSWER, SCORE, START, END,
   IMPOSSIBLE (best first, up to top_k), with SpanRT's span search and post-processing.
 
-Both stages run SpanRT's own runtime code (engine.preprocess, engine.windows, engine.decode,
-engine.postprocess), so Triton answers exactly as ``engine.Engine`` does. The decode stage
-re-derives the windows from the strings (the same deterministic tokenization) instead of passing
-offsets through the ensemble, and checks that the logits it got have the shape those windows need.
+Both stages are thin adapters over SpanRT's answering core (engine.answering: prepare, decode,
+rank), the code ``engine.Engine`` answers with, so Triton answers exactly as the Engine does. Each
+request is tokenized once; the decode stage checks that the logits it got have the shape the
+tokenize stage's windows need.
 The Triton server's Python environment needs SpanRT installed (``pip install spanrt``, which also
 builds the C++ decoder); nothing here imports torch or transformers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engine.api import normalize_inputs
-from engine.windows import Batch, WindowTable, build_batch
-from engine.decode import span_search
+from engine.answering import char_spans, decode, host_arrays, label_for, normalize_inputs, prepare, rank
 from engine.errors import InvalidInputError
-from engine.postprocess import Answer, Candidates, collect, finalize
-from engine.preprocess import Example, TextEncoder, make_example
+from engine.options import AnswerOptions
+from engine.postprocess import Answer, Candidates, collect
+from engine.preprocess import TextEncoder
+from engine.windows import WindowTable, build_batch
 
 STAGES = ("tokenize", "decode", "engine")
 OUTPUTS = ("ANSWER", "SCORE", "START", "END", "IMPOSSIBLE")
+# What the tokenize step hands the decode step besides the model inputs, so that decode never
+# tokenizes again: (name, Triton data type, dims); export/triton.py wires them through the ensemble.
+HANDOFF = (
+    ("WINDOWS", "TYPE_INT64", [-1, 2]),  # each window's context tokens [start, stop)
+    ("CONTEXT_POS", "TYPE_INT64", [1]),  # where a window's first context token sits
+    ("CHARS", "TYPE_INT64", [-1, 2]),  # each context token's [start, end) characters (its word's with align_to_words)
+    ("WARNINGS", "TYPE_STRING", [1]),  # the answers' warnings, one per line ("" for none)
+)
 OPTION_INPUTS = {"TOP_K": "top_k", "MAX_ANSWER_LEN": "max_answer_len", "HANDLE_IMPOSSIBLE": "handle_impossible"}
 PAD_POSITION = -1  # START and END of the padding of a row with fewer than k answers
 Options = tuple[tuple[str, Any], ...]  # a row's answering options, sorted by name (hashable: rows group by them)
@@ -61,6 +71,14 @@ def _flag(text: str) -> bool:
     return text == "true"
 
 
+def repository_options(params: dict[str, str]) -> AnswerOptions:
+    """The answering options a repository was exported with (its config parameters), checked."""
+    return AnswerOptions(top_k=int(params["top_k"]), max_answer_len=int(params["max_answer_len"]),
+                         handle_impossible=_flag(params["handle_impossible"]), null_threshold=float(params["null_threshold"]),
+                         doc_stride=int(params["doc_stride"]) if params["doc_stride"] else None,
+                         max_question_len=int(params["max_question_len"]), align_to_words=_flag(params["align_to_words"]))
+
+
 class QAStages:
     """Tokenize and decode one (question, context) pair with the settings of the repository."""
 
@@ -71,39 +89,12 @@ class QAStages:
         self.input_dtypes = dict(zip(self.input_names, (np.dtype(t) for t in params["input_dtypes"].split(","))))
         self.pad_token_id = int(params["pad_token_id"])
         self.max_seq_len = int(params["max_seq_len"])
-        self.max_question_len = int(params["max_question_len"])
-        self.doc_stride = int(params["doc_stride"]) if params["doc_stride"] else None
         self.buckets = sorted(int(b) for b in params["length_buckets"].split(","))
         self.max_windows = int(params["max_windows"])
-        self.top_k = int(params["top_k"])
-        self.max_answer_len = int(params["max_answer_len"])
-        self.handle_impossible = _flag(params["handle_impossible"])
-        self.null_threshold = float(params["null_threshold"])
-        self.align_to_words = _flag(params["align_to_words"])
+        self.options = repository_options(params).resolve(self.max_seq_len, self.template.num_special)
         self.precision = params["precision"]
         if self.buckets[-1] < self.max_seq_len:
             raise ValueError(f"length_buckets {self.buckets} must reach max_seq_len {self.max_seq_len}")
-
-    def windows(self, question: str, context: str) -> tuple[Example, WindowTable, Batch]:
-        """The pair's example, its window table, and its windows as one batch padded to the longest."""
-        normalize_inputs(question, context)  # the runtime's own checks and messages
-        (q_ids,), (ctx,) = self.encoder.encode([question], [context])
-        if len(q_ids) == 0:
-            raise InvalidInputError("question has no tokens the model knows (only control or unknown characters); "
-                                    "pass a question in words")
-        if len(ctx.ids) == 0:
-            raise InvalidInputError("context has no tokens the model knows (only control or unknown characters); "
-                                    "pass a context in words")
-        example = make_example(self.template, q_ids, ctx, max_seq_len=self.max_seq_len,
-                               max_question_len=self.max_question_len, doc_stride=self.doc_stride)
-        table = WindowTable.from_examples([example], self.template)
-        if len(table) > self.max_windows:
-            raise InvalidInputError(
-                f"the context needs {len(table)} windows of {self.max_seq_len} tokens; this repository's model takes at most "
-                f"{self.max_windows} per request (its max_batch_size). Split the context, or export the repository again "
-                "with a larger --max-batch-size")
-        rows = np.arange(len(table), dtype=np.int64)
-        return example, table, build_batch([example], table, rows, self.template, self.pad_token_id)
 
     def bucket(self, length: int) -> int:
         """The padded length of a request whose longest window has ``length`` tokens."""
@@ -113,43 +104,57 @@ class QAStages:
         raise ValueError(f"window of {length} tokens is longer than the last length bucket {self.buckets[-1]}")
 
     def tokenize(self, question: str, context: str) -> dict[str, np.ndarray]:
-        """The model inputs of the pair's windows, [windows, bucket length], by input name."""
-        _, _, batch = self.windows(question, context)
+        """The model inputs of the pair's windows, [windows, bucket length], by input name, and the
+        HANDOFF tensors the decode step answers from."""
+        normalize_inputs(question, context)  # the runtime's own checks and messages
+        (example,) = prepare(self.encoder, [question], [context], self.options, label=label_for(True))
+        table = WindowTable.from_examples([example], self.template)
+        if len(table) > self.max_windows:
+            raise InvalidInputError(
+                f"the context needs {len(table)} windows of {self.max_seq_len} tokens; this repository's model takes at most "
+                f"{self.max_windows} per request (its max_batch_size). Split the context, or export the repository again "
+                "with a larger --max-batch-size")
+        batch = build_batch([example], table, np.arange(len(table), dtype=np.int64), self.template, self.pad_token_id)
         width = batch.input_ids.shape[1]
         pad = self.bucket(width) - width
         padded = {"input_ids": np.pad(batch.input_ids, ((0, 0), (0, pad)), constant_values=self.pad_token_id),
                   "attention_mask": np.pad(batch.attention_mask, ((0, 0), (0, pad))),
                   "token_type_ids": np.pad(batch.token_type_ids, ((0, 0), (0, pad)))}
-        return {name: np.ascontiguousarray(padded[name], dtype=self.input_dtypes[name]) for name in self.input_names}
+        out = {name: np.ascontiguousarray(padded[name], dtype=self.input_dtypes[name]) for name in self.input_names}
+        out["WINDOWS"] = np.stack([table.start, table.stop], axis=1)
+        out["CONTEXT_POS"] = np.array([example.context_pos], dtype=np.int64)
+        out["CHARS"] = np.stack(char_spans(example.context, self.options.align_to_words), axis=1).astype(np.int64)
+        out["WARNINGS"] = np.array(["\n".join(example.warnings).encode("utf-8")], dtype=np.object_)
+        return out
 
-    def decode(self, question: str, context: str, start_logits: np.ndarray, end_logits: np.ndarray) -> dict[str, np.ndarray]:
-        """The pair's answers from its windows' logits: ANSWER/SCORE/START/END/IMPOSSIBLE arrays, best first."""
-        example, table, batch = self.windows(question, context)
-        width = batch.input_ids.shape[1]
-        if start_logits.ndim != 2 or start_logits.shape != end_logits.shape or start_logits.shape[0] != len(table) \
-                or start_logits.shape[1] < width:
+    def decode(self, context: str, handoff: dict[str, np.ndarray], start_logits: np.ndarray,
+               end_logits: np.ndarray) -> dict[str, np.ndarray]:
+        """The pair's answers from its windows' logits and the tokenize step's HANDOFF tensors:
+        ANSWER/SCORE/START/END/IMPOSSIBLE arrays, best first."""
+        windows, chars = handoff["WINDOWS"], handoff["CHARS"]
+        context_pos = int(handoff["CONTEXT_POS"].reshape(-1)[0])
+        warning_text = handoff["WARNINGS"].reshape(-1)[0]
+        warning_text = warning_text.decode("utf-8") if isinstance(warning_text, bytes) else str(warning_text)
+        n = len(windows)
+        starts, stops = windows[:, 0].astype(np.int64), windows[:, 1].astype(np.int64)
+        width = context_pos + int((stops - starts).max()) + len(self.template.suffix) if n else 0
+        if n == 0 or start_logits.ndim != 2 or start_logits.shape != end_logits.shape or start_logits.shape[0] != n \
+                or start_logits.shape[1] < width or int(stops.max()) > len(chars):
             raise ValueError(f"logits of shape {start_logits.shape} / {end_logits.shape} do not fit this request's "
-                             f"{len(table)} windows of up to {width} tokens: the tokenize and decode models of the repository "
+                             f"{n} windows of up to {width} tokens: the tokenize and decode models of the repository "
                              "disagree; export the repository again with python -m export triton")
-        seq = start_logits.shape[1]
-        mask = np.zeros((len(table), seq), dtype=bool)
-        mask[:, :width] = batch.context_mask
-        k = self.top_k * 2 + 10 if self.align_to_words else self.top_k  # as Engine: word snapping merges candidates
-        result = span_search(np.ascontiguousarray(start_logits), np.ascontiguousarray(end_logits), mask,
-                             max_answer_len=min(self.max_answer_len, seq), top_k=k, return_lse=True,
-                             return_null=self.handle_impossible)
+        mask = np.zeros(start_logits.shape, dtype=bool)
+        for r, (a, z) in enumerate(zip(starts.tolist(), stops.tolist())):
+            mask[r, context_pos:context_pos + z - a] = True
+        opts = self.options
+        result = decode(np.ascontiguousarray(start_logits), np.ascontiguousarray(end_logits), mask, opts)
         candidates = [Candidates()]
-        rows = np.arange(len(table), dtype=np.int64)
-        context_pos = np.full(len(table), example.context_pos, dtype=np.int64)
-        collect(candidates, table.example, table.start, rows, context_pos, np.asarray(result.spans), np.asarray(result.scores),
-                np.asarray(result.start_lse), np.asarray(result.end_lse),
-                np.asarray(result.null_scores) if self.handle_impossible else None)
-        ranked = finalize(example, candidates[0], top_k=self.top_k, align_to_words=self.align_to_words,
-                          handle_impossible=self.handle_impossible, null_threshold=self.null_threshold,
-                          backend="triton", precision=self.precision)
-        if not ranked:  # no token span has characters: nothing to point at (as Engine answers)
-            ranked = [Answer("", 0, 0, 0.0, "triton", self.precision, True,
-                             (*example.warnings, "no span of the context could be an answer"))]
+        rows = np.arange(n, dtype=np.int64)
+        collect(candidates, np.zeros(n, dtype=np.int64), starts, rows, np.full(n, context_pos, dtype=np.int64),
+                *host_arrays(result, opts.handle_impossible))
+        warnings = tuple(w for w in warning_text.split("\n") if w)
+        ranked = rank(candidates[0], context, (chars[:, 0], chars[:, 1]), warnings, opts, backend="triton",
+                      precision=self.precision)
         return {name: array[0] for name, array in answer_arrays([ranked]).items()}
 
 
@@ -162,11 +167,7 @@ class EngineStage:
         threads = int(params["threads"]) if params["threads"] else None
         self.engine = Engine(bundle_dir, backend=params["backend"], precision=params["precision"] or None, threads=threads)
         self.engine.warmup()
-        self.defaults: dict[str, Any] = {
-            "top_k": int(params["top_k"]), "max_answer_len": int(params["max_answer_len"]),
-            "handle_impossible": _flag(params["handle_impossible"]), "null_threshold": float(params["null_threshold"]),
-            "doc_stride": int(params["doc_stride"]) if params["doc_stride"] else None,
-            "max_question_len": int(params["max_question_len"]), "align_to_words": _flag(params["align_to_words"])}
+        self.defaults: dict[str, Any] = dataclasses.asdict(repository_options(params))
         self.max_context_bytes = int(params["max_context_bytes"])
 
     def rows(self, pb: Any, request: Any) -> list[Row]:
@@ -275,11 +276,15 @@ def _utf8(value: bytes, name: str, row: int) -> str:
         raise InvalidInputError(f"{name} row {row} is not valid UTF-8 ({e})") from None
 
 
-def _text(pb: Any, request: Any, name: str) -> str:
+def _array(pb: Any, request: Any, name: str) -> np.ndarray:
     tensor = pb.get_input_tensor_by_name(request, name)
     if tensor is None:
         raise InvalidInputError(f"input {name} is missing")
-    values = tensor.as_numpy().reshape(-1)
+    return tensor.as_numpy()
+
+
+def _text(pb: Any, request: Any, name: str) -> str:
+    values = _array(pb, request, name).reshape(-1)
     if values.size != 1:
         raise InvalidInputError(f"{name} must hold exactly one string, got {values.size}")
     value = values[0]
@@ -311,13 +316,12 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                question, context = _text(pb, request, "QUESTION"), _text(pb, request, "CONTEXT")
                 if self.stage == "tokenize":
-                    arrays = self.stages.tokenize(question, context)
+                    arrays = self.stages.tokenize(_text(pb, request, "QUESTION"), _text(pb, request, "CONTEXT"))
                 else:
-                    start = pb.get_input_tensor_by_name(request, "start_logits").as_numpy()
-                    end = pb.get_input_tensor_by_name(request, "end_logits").as_numpy()
-                    arrays = self.stages.decode(question, context, start, end)
+                    handoff = {name: _array(pb, request, name) for name, _, _ in HANDOFF}
+                    arrays = self.stages.decode(_text(pb, request, "CONTEXT"), handoff, _array(pb, request, "start_logits"),
+                                                _array(pb, request, "end_logits"))
                 responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(n, a) for n, a in arrays.items()]))
             except Exception as e:  # returned to the client as this request's error, never dropped
                 responses.append(error_response(pb, e))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.options import DEFAULTS
 from export.errors import ExportError
 
 ENSEMBLE, TOKENIZE, MODEL, DECODE = "spanrt_qa", "spanrt_tokenize", "spanrt_model", "spanrt_decode"
@@ -31,13 +32,13 @@ class TritonOptions:
     max_queue_delay_us: int = 1000  # how long the dynamic batcher waits for batch mates
     max_queue_size: int = 0  # requests waiting at spanrt_model before Triton rejects more; 0: unbounded
     length_buckets: tuple[int, ...] | None = None  # None: the plan's profile bounds, else 64,128,256 (+ max_seq_len)
-    max_question_len: int = 64
-    doc_stride: int | None = None
-    top_k: int = 1
-    max_answer_len: int = 30
-    handle_impossible: bool = False
-    null_threshold: float = 0.0
-    align_to_words: bool = True
+    max_question_len: int = DEFAULTS.max_question_len  # the answering options: engine.options
+    doc_stride: int | None = DEFAULTS.doc_stride
+    top_k: int = DEFAULTS.top_k
+    max_answer_len: int = DEFAULTS.max_answer_len
+    handle_impossible: bool = DEFAULTS.handle_impossible
+    null_threshold: float = DEFAULTS.null_threshold
+    align_to_words: bool = DEFAULTS.align_to_words
     backend: str = "auto"  # --target cpu: the Engine's backend
     threads: int | None = None  # --target cpu: the Engine's intra-op threads (None: every core)
     max_context_bytes: int = DEFAULT_MAX_CONTEXT_BYTES  # --target cpu: longer contexts get an error response

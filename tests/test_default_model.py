@@ -168,12 +168,12 @@ def test_which_bundle_serves_which_backend(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_engine_answer_with_the_default_model_builds_only_the_native_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import engine
-    from engine import api
+    from engine import shared_engines
 
     if not dm.uses_native_bundle("auto", None):
         pytest.skip("auto does not use the native encoder here (no tuned path, or a GPU backend is installed)")
     monkeypatch.setenv("SPANRT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(api, "_engines", {})
+    monkeypatch.setattr(shared_engines, "_engines", {})
     a = engine.answer(*MARIE)
     assert (a.text, a.backend, a.precision) == ("Warsaw", "native", "int8")
     built = sorted(p.name for p in (tmp_path / "bundles").iterdir())
@@ -181,7 +181,7 @@ def test_engine_answer_with_the_default_model_builds_only_the_native_bundle(tmp_
     qa = engine.pipeline()
     assert qa(question=MARIE[0], context=MARIE[1])["answer"] == "Warsaw"
     assert sorted(p.name for p in (tmp_path / "bundles").iterdir()) == built
-    for eng in [*api._engines.values(), qa.engine]:
+    for eng in [*shared_engines._engines.values(), qa.engine]:
         eng.close()
 
 

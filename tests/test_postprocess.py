@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from runtime_helpers import TOKENIZER_JSON
 
+from engine.answering import char_spans
 from engine.postprocess import Answer, Candidates, collect, finalize
 from engine.preprocess import Example, TextEncoder, make_example
 
@@ -30,7 +31,8 @@ def tok(example: Example, word: str, nth: int = 0) -> int:
 def run(example: Example, cand: Candidates, **kw: object) -> list[Answer]:
     opts = {"top_k": 5, "align_to_words": True, "handle_impossible": False, "null_threshold": 0.0, "backend": "b", "precision": "p"}
     opts.update(kw)
-    return finalize(example, cand, **opts)  # type: ignore[arg-type]
+    chars = char_spans(example.context, bool(opts.pop("align_to_words")))
+    return finalize(cand, example.context.text, *chars, example.warnings, **opts)  # type: ignore[arg-type]
 
 
 def add(cand: Candidates, window: int, spans: list[tuple[int, int, float]], null: float | None = None) -> None:

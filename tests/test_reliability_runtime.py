@@ -17,8 +17,10 @@ import pytest
 from runtime_helpers import lookup_bundle, planted
 
 from engine import Engine
+from engine.answering import label_for, prepare
 from engine.dynamic_batching import BatchingEngine, RequestTimeoutError, WorkerDiedError
 from engine.errors import CallCancelledError, InvalidInputError, RequestTooLargeError
+from engine.options import AnswerOptions
 
 ANSWER = "Zanzibar Island"
 CONTEXT = "After a long voyage the ship sailed to Zanzibar Island, then home again."
@@ -167,8 +169,8 @@ def test_should_stop_ends_a_call_between_model_batches(bundle: Path) -> None:
 
 def test_a_timed_out_request_stops_computing_its_windows(bundle: Path) -> None:
     with Engine(bundle, backend="onnxruntime", threads=1, max_batch_size=1) as e:
-        windows = len(e._prepare(["Where did the ship sail?"], [LONG_CONTEXT],
-                                 _options(e), 0, True)[0].window_starts)
+        windows = len(prepare(e._encoder, ["Where did the ship sail?"], [LONG_CONTEXT],
+                              AnswerOptions().resolve(e.max_seq_len, e._template.num_special), label=label_for(True))[0].window_starts)
         runs = CountingRuns(e, delay_s=0.02)
         e._backend.run = runs  # type: ignore[method-assign]
         with BatchingEngine(e, max_delay_ms=0) as be:
@@ -180,14 +182,6 @@ def test_a_timed_out_request_stops_computing_its_windows(bundle: Path) -> None:
                 time.sleep(0.01)
             assert runs.calls < windows // 2, (runs.calls, windows)
             assert be.answer("Where did the ship sail?", CONTEXT, timeout=10).text == ANSWER
-
-
-def _options(e: Engine) -> Any:
-    from engine.api import Options
-
-    return Options(e.max_seq_len, e._template.num_special, top_k=1, max_answer_len=30, handle_impossible=False,
-                   handle_impossible_answer=None, null_threshold=0.0, doc_stride=None, max_seq_len=None,
-                   max_question_len=64, align_to_words=True, unknown={})
 
 
 def test_a_context_far_beyond_max_windows_is_refused_from_a_prefix(bundle: Path) -> None:

@@ -312,9 +312,9 @@ def test_module_answer_reuses_one_engine_per_bundle(bundle: Path) -> None:
     a = engine.answer("where?", "to Zanzibar Island", model=bundle, backend="onnxruntime")
     b = engine.answer("where?", "to Zanzibar Island", model=str(bundle), backend="onnxruntime")
     assert a == b and a.text == ANSWER
-    from engine import api
+    from engine import shared_engines
 
-    assert sum(1 for k in api._engines if k[0] == str(bundle.resolve())) == 1
+    assert sum(1 for k in shared_engines._engines if k[0] == str(bundle.resolve())) == 1
     with pytest.raises(InvalidInputError, match="model must be"):
         engine.answer("q?", "c", model=3)
 
