@@ -68,7 +68,6 @@ class _Bundle:
     def __init__(self, **formats: tuple[str, ...]) -> None:
         self.root = Path("/b")
         self.formats = formats
-        self.manifest: dict[str, Any] = {}
 
     def precisions(self, fmt: str) -> tuple[str, ...]:
         return self.formats.get(fmt, ())

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.backends.base import Backend, Consume, T
+from engine.backends.base import Consume, CPUBackend, T
 from engine.errors import BackendUnavailableError
 
 _fork_lock = threading.Lock()
@@ -37,7 +37,7 @@ def _keep_forever(obj: Any) -> None:
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
 
 
-class HostSessionBackend(Backend):
+class HostSessionBackend(CPUBackend):
     """An ONNX Runtime session whose logits come back to host memory (the CPU-side providers).
 
     Safe after ``fork()``: ONNX Runtime's thread pool does not survive a fork (a child forked while

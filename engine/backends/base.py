@@ -111,6 +111,11 @@ class Backend(abc.ABC):
     AUTO_SKIPS_BUNDLE_ERRORS: ClassVar[bool] = False
     # Added to the error when the bundle has no model for it: how to get one ({bundle}: its folder)
     MISSING_FIX: ClassVar[str] = ""
+    # What ``available`` checks: functions that raise BackendUnavailableError, saying what to install
+    # or fix, when a package or device this backend needs is missing
+    PROBES: ClassVar[tuple[Callable[[], object], ...]] = ()
+    # The BackendOptions fields its constructor takes (keyword arguments of the same names)
+    OPTIONS: ClassVar[tuple[str, ...]] = ("threads",)
     input_names: tuple[str, ...]
     input_dtypes: dict[str, np.dtype]
     max_batch_size: int | None = None  # a hard limit of the model (TensorRT profiles), else None
@@ -130,12 +135,12 @@ class Backend(abc.ABC):
         """Whether it can run ``bundle`` here (its packages, its device), checked without loading the
         model; with ``auto``, also whether "auto" should use it (a backend that runs but is slower
         here than a later one in engine.backends.AUTO_ORDER says no)."""
-        return Availability()
+        return Availability.probe(*cls.PROBES)
 
     @classmethod
     def open(cls, bundle: Bundle, precision: str | None, options: BackendOptions) -> Backend:
-        """The backend loaded on ``bundle`` (``precision`` None: its default), from ``options``."""
-        return cls(bundle, precision, threads=options.threads)  # type: ignore[call-arg]
+        """The backend loaded on ``bundle`` (``precision`` None: its default), with the ``options`` it takes."""
+        return cls(bundle, precision, **{name: getattr(options, name) for name in cls.OPTIONS})  # type: ignore[call-arg]
 
     @classmethod
     def bundle_precisions(cls, bundle: Bundle) -> tuple[str, ...]:
@@ -169,6 +174,14 @@ class Backend(abc.ABC):
 
     def close(self) -> None:
         """Free the model and its buffers; the backend is unusable afterwards."""
+
+
+class CPUBackend(Backend):
+    """A backend on the CPU: batches cut to the CPU batch budget (CPU_MAX_BATCH_TOKENS, CPU_CALL_COST_TOKENS)."""
+
+    device = "cpu"
+    max_batch_tokens = CPU_MAX_BATCH_TOKENS
+    call_cost_tokens = CPU_CALL_COST_TOKENS
 
 
 def _dtype_and_shape(array: Any) -> tuple[np.dtype | None, tuple[int, ...] | None]:

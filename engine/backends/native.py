@@ -28,17 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.backends.base import (
-    CPU_CALL_COST_TOKENS,
-    CPU_MAX_BATCH_TOKENS,
-    Availability,
-    Backend,
-    BackendOptions,
-    Consume,
-    T,
-    default_threads,
-    require_artifact,
-)
+from engine.backends.base import Availability, BackendOptions, Consume, CPUBackend, T, default_threads, require_artifact
 from engine.bundle import Bundle
 from engine.errors import BackendUnavailableError, BundleError, InvalidInputError
 from engine.native_weights import EncoderConfig
@@ -95,11 +85,10 @@ def _slower_than_onnxruntime(isa: str) -> str | None:
     return None
 
 
-class NativeCPU(Backend):
+class NativeCPU(CPUBackend):
     """The native encoder on the bundle's float32 weights: INT8, BF16 or FP32 on this CPU's best path."""
 
     name = NAME
-    device = "cpu"
     FORMAT = FORMAT
     PRECISIONS = PRECISIONS
     COMPUTED_FROM = "fp32"  # INT8, BF16 or FP32 computed from the bundle's float32 weights
@@ -107,8 +96,7 @@ class NativeCPU(Backend):
     # than OpenVINO's in batches.
     AUTO_PRECISIONS = ("int8", "fp32")
     AUTO_NOTE = "ask for backend='native' explicitly"
-    max_batch_tokens = CPU_MAX_BATCH_TOKENS
-    call_cost_tokens = CPU_CALL_COST_TOKENS
+    OPTIONS = ("threads", "cpu_isa")
 
     @classmethod
     def available(cls, bundle: Bundle, options: BackendOptions, *, auto: bool = False) -> Availability:
@@ -124,11 +112,6 @@ class NativeCPU(Backend):
         except BackendUnavailableError as e:
             return Availability(str(e))
         return Availability(_slower_than_onnxruntime(isa) if auto else None)
-
-    @classmethod
-    def open(cls, bundle: Bundle, precision: str | None, options: BackendOptions) -> NativeCPU:
-        """The encoder on this CPU's best path, at most ``options.cpu_isa``."""
-        return cls(bundle, precision, threads=options.threads, cpu_isa=options.cpu_isa)
 
     def __init__(self, bundle: Bundle, precision: str | None = None, *, threads: int | None = None, cpu_isa: str | None = None) -> None:
         precision = precision or PRECISIONS[0]

@@ -14,14 +14,7 @@ from typing import Any
 
 from engine.backends._host_session import HostSessionBackend
 from engine.backends._ort import CPU_DISABLED_OPTIMIZERS, check_io, import_onnxruntime, open_session, session_options
-from engine.backends.base import (
-    CPU_CALL_COST_TOKENS,
-    CPU_MAX_BATCH_TOKENS,
-    Availability,
-    BackendOptions,
-    default_threads,
-    require_artifact,
-)
+from engine.backends.base import default_threads, require_artifact
 from engine.bundle import Bundle
 from engine.errors import BackendUnavailableError
 
@@ -32,16 +25,9 @@ class OnnxRuntimeCPU(HostSessionBackend):
     """ONNX Runtime CPUExecutionProvider on an int8 or fp32 ONNX model of the bundle."""
 
     name = "onnxruntime"
-    device = "cpu"
     FORMAT = "onnx"
     PRECISIONS = PRECISIONS
-    max_batch_tokens = CPU_MAX_BATCH_TOKENS
-    call_cost_tokens = CPU_CALL_COST_TOKENS
-
-    @classmethod
-    def available(cls, bundle: Bundle, options: BackendOptions, *, auto: bool = False) -> Availability:
-        """Whether onnxruntime is installed."""
-        return Availability.probe(import_onnxruntime)
+    PROBES = (import_onnxruntime,)
 
     def __init__(self, bundle: Bundle, precision: str | None = None, *, threads: int | None = None) -> None:
         ort = import_onnxruntime()

@@ -16,7 +16,7 @@ import numpy as np
 
 from engine.backends._cuda_arrays import DeviceArray
 from engine.backends._ort import check_io, check_provider, import_onnxruntime, open_session, session_options
-from engine.backends.base import Availability, Backend, BackendOptions, Consume, T, default_threads, require_artifact
+from engine.backends.base import Backend, Consume, T, default_threads, require_artifact
 from engine.bundle import Bundle
 from engine.errors import BackendUnavailableError
 
@@ -48,16 +48,8 @@ class OnnxRuntimeCUDA(Backend):
     device = "cuda"
     FORMAT = "onnx"
     PRECISIONS = PRECISIONS
-
-    @classmethod
-    def available(cls, bundle: Bundle, options: BackendOptions, *, auto: bool = False) -> Availability:
-        """Whether onnxruntime-gpu with its CUDA provider is installed."""
-        return Availability.probe(check_available)
-
-    @classmethod
-    def open(cls, bundle: Bundle, precision: str | None, options: BackendOptions) -> OnnxRuntimeCUDA:
-        """The backend on GPU ``options.device_id``."""
-        return cls(bundle, precision, threads=options.threads, device_id=options.device_id)
+    PROBES = (check_available,)
+    OPTIONS = ("threads", "device_id")
 
     def __init__(self, bundle: Bundle, precision: str | None = None, *, threads: int | None = None, device_id: int = 0) -> None:
         check_available()

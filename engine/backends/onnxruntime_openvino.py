@@ -25,14 +25,7 @@ from typing import Any
 
 from engine.backends._host_session import HostSessionBackend
 from engine.backends._ort import check_io, check_provider, import_onnxruntime, open_session, session_options
-from engine.backends.base import (
-    CPU_CALL_COST_TOKENS,
-    CPU_MAX_BATCH_TOKENS,
-    Availability,
-    BackendOptions,
-    default_threads,
-    require_artifact,
-)
+from engine.backends.base import default_threads, require_artifact
 from engine.bundle import Bundle
 from engine.errors import BackendUnavailableError
 
@@ -85,6 +78,12 @@ def cpu_device(ort: Any, plugin: Any) -> Any:
     return devices[0]
 
 
+def check_available() -> None:
+    """Raise BackendUnavailableError unless the OpenVINO plugin is installed and offers this CPU as a
+    device (it offers none on AMD CPUs)."""
+    cpu_device(import_onnxruntime(), import_plugin())
+
+
 def supports_bf16(device: Any) -> bool:
     """Whether OpenVINO computes BF16 natively on this CPU (AVX-512 BF16 or AMX)."""
     return "BF16" in str(device.ep_metadata.get("OPTIMIZATION_CAPABILITIES", "")).split()
@@ -94,21 +93,14 @@ class OnnxRuntimeOpenVINO(HostSessionBackend):
     """ONNX Runtime with the OpenVINO execution provider on the CPU, BF16 or FP32, whole graph."""
 
     name = "onnxruntime-openvino"
-    device = "cpu"
     FORMAT = "onnx"
     PRECISIONS = PRECISIONS
     COMPUTED_FROM = "fp32"  # OpenVINO's BF16 or FP32 on the bundle's FP32 graph
     # Only its BF16 beats ONNX Runtime's own CPU models (int8, fp32); its FP32 does not.
     AUTO_PRECISIONS = ("bf16",)
     AUTO_NOTE = "onnxruntime's CPU provider runs it faster"
-    max_batch_tokens = CPU_MAX_BATCH_TOKENS
-    call_cost_tokens = CPU_CALL_COST_TOKENS
+    PROBES = (check_available,)
     pad_multiple = PAD_MULTIPLE
-
-    @classmethod
-    def available(cls, bundle: Bundle, options: BackendOptions, *, auto: bool = False) -> Availability:
-        """Whether the OpenVINO plugin is installed and offers this CPU as a device (it offers none on AMD CPUs)."""
-        return Availability.probe(lambda: cpu_device(import_onnxruntime(), import_plugin()))
 
     def __init__(self, bundle: Bundle, precision: str | None = None, *, threads: int | None = None) -> None:
         ort = import_onnxruntime()

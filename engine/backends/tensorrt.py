@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from engine.backends._cuda_arrays import DeviceArray
-from engine.backends.base import Availability, Backend, BackendOptions, Consume, T, require_artifact
+from engine.backends.base import Backend, Consume, T, require_artifact
 from engine.bundle import Bundle, check_tensorrt_plan
 from engine.errors import BackendUnavailableError, BundleError
 
@@ -68,16 +68,8 @@ class TensorRT(Backend):
     PRECISIONS = PRECISIONS
     AUTO_SKIPS_BUNDLE_ERRORS = True  # a plan for another GPU or TensorRT version: "auto" moves on, loudly
     MISSING_FIX = "build one on this GPU with python -m export build-trt {bundle}"
-
-    @classmethod
-    def available(cls, bundle: Bundle, options: BackendOptions, *, auto: bool = False) -> Availability:
-        """Whether TensorRT and cuda-python are installed."""
-        return Availability.probe(import_tensorrt, import_cudart)
-
-    @classmethod
-    def open(cls, bundle: Bundle, precision: str | None, options: BackendOptions) -> TensorRT:
-        """The backend on GPU ``options.device_id``."""
-        return cls(bundle, precision, threads=options.threads, device_id=options.device_id)
+    PROBES = (import_tensorrt, import_cudart)
+    OPTIONS = ("threads", "device_id")
 
     def __init__(self, bundle: Bundle, precision: str | None = None, *, threads: int | None = None, device_id: int = 0) -> None:
         trt = import_tensorrt()

@@ -15,16 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.backends.base import (
-    CPU_CALL_COST_TOKENS,
-    CPU_MAX_BATCH_TOKENS,
-    Availability,
-    Backend,
-    BackendOptions,
-    Consume,
-    T,
-    default_threads,
-)
+from engine.backends.base import Consume, CPUBackend, T, default_threads
 from engine.bundle import Bundle, sha256_file
 from engine.errors import BackendUnavailableError, BundleError
 
@@ -73,27 +64,18 @@ def _check_cuda() -> None:
         raise BackendUnavailableError(f"backend 'torch-cuda' needs a CUDA build of torch and a GPU (torch {torch.__version__} sees none)")
 
 
-class TorchBackend(Backend):
-    """transformers' *ForQuestionAnswering on torch, in inference mode, on the CPU (``torch``) or a
-    GPU (``torch-cuda``, the TorchCUDA subclass)."""
+class TorchBackend(CPUBackend):
+    """transformers' *ForQuestionAnswering on torch, in inference mode, on the CPU (with the same
+    cache-bound cost per token as ONNX Runtime there) or, as TorchCUDA, on a GPU."""
 
     name = "torch"
-    device = "cpu"
     FORMAT = None  # the source checkpoint, not a bundle artifact
     PRECISIONS = PRECISIONS
+    PROBES = (import_torch,)
+    OPTIONS = ("threads", "device_id")
 
-    @classmethod
-    def available(cls, bundle: Bundle, options: BackendOptions, *, auto: bool = False) -> Availability:
-        """Whether torch and transformers are installed (and for torch-cuda, a GPU torch sees)."""
-        return Availability.probe(import_torch, *((_check_cuda,) if cls.device == "cuda" else ()))
-
-    @classmethod
-    def open(cls, bundle: Bundle, precision: str | None, options: BackendOptions) -> TorchBackend:
-        """The checkpoint on this class's device."""
-        return cls(bundle, precision, threads=options.threads, device=cls.device, device_id=options.device_id)
-
-    def __init__(self, bundle: Bundle, precision: str | None = None, *, threads: int | None = None,
-                 device: str = "cpu", device_id: int = 0) -> None:
+    def __init__(self, bundle: Bundle, precision: str | None = None, *, threads: int | None = None, device_id: int = 0) -> None:
+        device = self.device
         torch, transformers = import_torch()
         precision = precision or PRECISIONS[0]
         if precision not in PRECISIONS:
@@ -116,10 +98,6 @@ class TorchBackend(Backend):
             model.half()
         self.model = model.to(self._device)
         self._torch = torch
-        self.name = "torch-cuda" if device == "cuda" else "torch"
-        self.device = device
-        if device == "cpu":  # the same cache-bound cost per token as ONNX Runtime on the CPU
-            self.max_batch_tokens, self.call_cost_tokens = CPU_MAX_BATCH_TOKENS, CPU_CALL_COST_TOKENS
         self.precision = precision
         self.input_names = bundle.input_names
         self.input_dtypes = {n: np.dtype(np.int64) for n in bundle.input_names}
@@ -150,7 +128,10 @@ class TorchBackend(Backend):
 
 
 class TorchCUDA(TorchBackend):
-    """The torch reference on an NVIDIA GPU."""
+    """The torch reference on an NVIDIA GPU (no batch budget beyond max_batch_size, as the GPU backends)."""
 
     name = "torch-cuda"
     device = "cuda"
+    max_batch_tokens = None
+    call_cost_tokens = 0
+    PROBES = (import_torch, _check_cuda)
