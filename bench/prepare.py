@@ -9,7 +9,6 @@ runs in its own process, so the export's memory is not counted against any syste
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -38,8 +37,9 @@ def resolve_model(model: str | Path | None) -> ModelSource:
         return ModelSource(label=f"default model ({DEFAULT_MODEL_NAME})", checkpoint=default_checkpoint_dir(), bundle=None)
     path = Path(model).expanduser().resolve()
     if (path / "manifest.json").is_file():
-        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-        src = (manifest.get("source") or {}).get("path")
+        from engine.bundle import load_bundle
+
+        src = (load_bundle(path, verify=False).manifest.source or {}).get("path")
         ckpt = None if not isinstance(src, str) or not src else (Path(src) if Path(src).is_absolute() else path / src)
         if ckpt is not None and (ckpt / "config.json").is_file():
             return ModelSource(label=str(path), checkpoint=ckpt, bundle=path)

@@ -108,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.peak import measure_peaks
 
         peak = measure_peaks(threads)[backend.precision]
-        cfg = native.info.get("encoder", {})
-        add_peak_shares(cells, {"layers": cfg["num_layers"], "hidden": cfg["hidden_size"], "ffn": cfg["intermediate_size"]}, peak)
+        from engine.native_weights import EncoderConfig
+
+        cfg = EncoderConfig.from_json(native.info.get("encoder"), root=bundle.root)
+        add_peak_shares(cells, {"layers": cfg.num_layers, "hidden": cfg.hidden_size, "ffn": cfg.intermediate_size}, peak)
     print(f"{bundle.root.name}: {backend.name} {backend.precision}, {backend.details}")
     print(table(cells))
     if peak:
