@@ -287,6 +287,7 @@ struct Encoder::Impl {
     Buffer<uint8_t> act;  // the GEMM inputs in the kernel's format (int8 / int16 / bf16)
     Buffer<float> act_scale;
     Buffer<float> hidden, emb, qkv, ctx, tmp, inter;
+    Buffer<uint16_t> qkv_bf16;  // the QKV matrix where the path's attention reads bf16
     std::vector<Buffer<uint8_t>> scratch;  // attention, per thread
   };
   mutable Workspace ws;
@@ -408,7 +409,9 @@ void Encoder::forward(const int64_t* ids, const int64_t* mask, const int64_t* ty
   }
   float* hidden = ensure(w.hidden, M * H);
   float* emb = m.project ? ensure(w.emb, M * E) : nullptr;
-  float* qkv = ensure(w.qkv, M * 3 * H);
+  const bool qkv_in_bf16 = K.attention_bf16_input[static_cast<int>(p)];
+  float* qkv = qkv_in_bf16 ? nullptr : ensure(w.qkv, M * 3 * H);
+  uint16_t* qkv_bf16 = qkv_in_bf16 ? ensure(w.qkv_bf16, M * 3 * H) : nullptr;
   float* ctx = ensure(w.ctx, M * H);
   float* tmp = ensure(w.tmp, M * H);
   float* inter = ensure(w.inter, M * I);
@@ -492,10 +495,14 @@ void Encoder::forward(const int64_t* ids, const int64_t* mask, const int64_t* ty
       const Impl::Layer& layer = m.layers[li];
       const bool last = li + 1 == m.layers.size();
       // hidden = LayerNorm output (and act its converted copy)
-      linear(layer.qkv, hidden, Epilogue::kBias, qkv, 3 * H);
+      if (qkv_in_bf16) {
+        linear(layer.qkv, hidden, Epilogue::kBiasBf16, reinterpret_cast<float*>(qkv_bf16), 3 * H);  // bf16 rows (see Epilogue)
+      } else {
+        linear(layer.qkv, hidden, Epilogue::kBias, qkv, 3 * H);
+      }
       for (int64_t hw; (hw = next_head[li].fetch_add(1, std::memory_order_relaxed)) < static_cast<int64_t>(heads.size());) {
         const int64_t b = heads[hw].first;
-        const encoder::AttentionArgs args{qkv, H, offset[b], length[b], heads[hw].second, d, ctx, w.scratch[thread].data()};
+        const encoder::AttentionArgs args{qkv, H, offset[b], length[b], heads[hw].second, d, ctx, w.scratch[thread].data(), qkv_bf16};
         K.attention(p, args);
       }
       par.barrier();

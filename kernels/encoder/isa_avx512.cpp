@@ -172,7 +172,11 @@ void i8_block(int64_t mr, const LinearView& L, const uint8_t* a, int64_t lda, co
     for (int64_t i = 0; i < mr; ++i) {
       const __m512 x = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][v], comp));
       const __m512 y = _mm512_fmadd_ps(x, _mm512_mul_ps(ws, _mm512_set1_ps(a_scale[i])), bias);
-      _mm512_mask_storeu_ps(out + i * ldo + n, mk, ep == Epilogue::kBias ? y : activate512(ep, y));
+      if (ep == Epilogue::kBiasBf16) {
+        _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(out) + i * ldo + n, mk, bf16_rne(y));
+      } else {
+        _mm512_mask_storeu_ps(out + i * ldo + n, mk, ep == Epilogue::kBias ? y : activate512(ep, y));
+      }
     }
   }
 }
@@ -185,7 +189,7 @@ void i8_gemm(const LinearView& L, const void* a, int64_t lda, const float* a_sca
   const uint8_t* x = static_cast<const uint8_t*>(a);
   const int8_t* w = static_cast<const int8_t*>(L.w);
   ro_drive_gemm(L, m0, m1, nb0, nb1, kI8Nb, kI8Mr, [&](int64_t rows, int64_t m, int64_t nb, int64_t n0) {
-    i8_block(rows, L, x + m * lda, lda, a_scale + m, w + nb * L.k_pad * kI8Nb, n0, ep, out + m * ldo, ldo);
+    i8_block(rows, L, x + m * lda, lda, a_scale + m, w + nb * L.k_pad * kI8Nb, n0, ep, ro_out_row(out, m, ldo, ep), ldo);
   });
 }
 

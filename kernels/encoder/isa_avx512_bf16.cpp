@@ -82,7 +82,11 @@ void block(int64_t mr, const LinearView& L, const uint16_t* a, int64_t lda, cons
     const __m512 bias = _mm512_loadu_ps(L.bias + n);
     for (int64_t i = 0; i < mr; ++i) {
       const __m512 y = _mm512_add_ps(acc[i][v], bias);
-      _mm512_mask_storeu_ps(out + i * ldo + n, mk, ep == Epilogue::kBias ? y : activate512(ep, y));  // in registers (isa_avx512.cpp)
+      if (ep == Epilogue::kBiasBf16) {
+        _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(out) + i * ldo + n, mk, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(y)));
+      } else {
+        _mm512_mask_storeu_ps(out + i * ldo + n, mk, ep == Epilogue::kBias ? y : activate512(ep, y));  // in registers (isa_avx512.cpp)
+      }
     }
   }
 }
@@ -95,7 +99,7 @@ void gemm(const LinearView& L, const void* a, int64_t lda, const float*, int64_t
   const uint16_t* x = static_cast<const uint16_t*>(a);
   const uint16_t* w = static_cast<const uint16_t*>(L.w);
   ro_drive_gemm(L, m0, m1, nb0, nb1, kNb, kMr, [&](int64_t rows, int64_t m, int64_t nb, int64_t n0) {
-    block(rows, L, x + m * lda, lda, w + nb * L.k_pad * kNb, n0, ep, out + m * ldo, ldo);
+    block(rows, L, x + m * lda, lda, w + nb * L.k_pad * kNb, n0, ep, ro_out_row(out, m, ldo, ep), ldo);
   });
 }
 
@@ -107,18 +111,18 @@ constexpr int64_t kQt = 12;  // two 6-row score blocks; P V: 12 rows x 2 zmm = 2
 constexpr int64_t kVw = 32;  // P V panel width (head dimensions)
 
 struct AttnScratch {
-  uint16_t* q;   // [L][dp] queries
+  uint16_t* q;   // [L][dp] queries, when d is odd (else read in place)
   uint16_t* k;   // keys as block-kernel weights: [L64/64][dp/2][64][2]
   uint16_t* v;   // values: [d32/32][Lp/2][32][2] (pairs of consecutive keys per head dimension)
   float* s;      // [kQt][L64] scores of one query tile
-  uint16_t* p;   // [kQt][Lp] probabilities, bf16 (before them: 64 keys x dp, bf16, while packing)
+  uint16_t* p;   // [kQt][Lp] probabilities, bf16
   float* zeros;  // [L64] the block kernel's bias
 };
 
 size_t attn_carve(void* base, int64_t L, int64_t d, AttnScratch* out) {
   const int64_t L64 = ro_round_up(L, 64), dp = ro_round_up(d, 2), Lp = ro_round_up(L, 2), d32 = ro_round_up(d, kVw);
   const size_t sizes[6] = {sizeof(uint16_t) * L * dp, sizeof(uint16_t) * L64 * dp, sizeof(uint16_t) * d32 * Lp, sizeof(float) * kQt * L64,
-                           sizeof(uint16_t) * (kQt * Lp > 64 * dp ? kQt * Lp : 64 * dp), sizeof(float) * L64};
+                           sizeof(uint16_t) * kQt * Lp, sizeof(float) * L64};
   char* p = static_cast<char*>(base);
   size_t used = 0;
   void* parts[6];
@@ -137,22 +141,12 @@ size_t attn_carve(void* base, int64_t L, int64_t d, AttnScratch* out) {
   return used;
 }
 
-// n floats as bf16, round to nearest even (vcvtneps2bf16: the same as ro_to_bf16 for the normal
-// numbers attention sees), 16 at a time.
-inline void to_bf16_row(const float* x, int64_t n, uint16_t* o) {
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 mk = tail_mask(n - j);
-    const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, x + j)));
-    _mm256_mask_storeu_epi16(o + j, mk, h);
-  }
-}
-
-// Rows of one head are 3H floats apart in the QKV matrix (4.6 KB for H = 384), too far apart for the
+// Rows of one head are 3H values apart in the QKV matrix (2.3 KB for H = 384 in bf16), too far apart for the
 // hardware prefetcher: the row kAhead rows on is fetched by hand (measured: the loads of these rows
 // stalled ~7 % of a forward pass on Zen 5).
-constexpr int64_t kAhead = 12;
-inline void prefetch_row(const float* x, int64_t n) {
-  for (int64_t j = 0; j < n; j += 16) _mm_prefetch(reinterpret_cast<const char*>(x + j), _MM_HINT_T0);
+constexpr int64_t kAhead = 32;
+inline void prefetch_row(const uint16_t* x, int64_t n) {
+  for (int64_t j = 0; j < n; j += 32) _mm_prefetch(reinterpret_cast<const char*>(x + j), _MM_HINT_T0);
 }
 
 // The last pass of the softmax: p = bf16(e * inv), zero-padded to n_pad.
@@ -224,35 +218,39 @@ void attention_bf16(const AttentionArgs& g) {
   const int64_t L64 = ro_round_up(L, 64), dp = ro_round_up(d, 2), Lp = ro_round_up(L, 2), d32 = ro_round_up(d, kVw);
   AttnScratch a;
   attn_carve(g.scratch, L, d, &a);
-  const float* q = g.qkv + g.row0 * ld + g.head * d;
-  const float* kk = q + H;
-  const float* vv = q + 2 * H;
+  // the QKV matrix arrives in bf16 (the QKV GEMM wrote it: attention_bf16_input)
+  const uint16_t* q = g.qkv_bf16 + g.row0 * ld + g.head * d;
+  const uint16_t* kk = q + H;
+  const uint16_t* vv = q + 2 * H;
   std::memset(a.k, 0, sizeof(uint16_t) * L64 * dp);
   std::memset(a.v, 0, sizeof(uint16_t) * d32 * Lp);
   std::memset(a.zeros, 0, sizeof(float) * L64);
-  // queries and keys as bf16 rows; the keys then move into the kernel's panels as 32-bit pairs of
-  // head dims: contiguous writes, reads within L1
-  uint16_t* kt = a.p;  // the probability rows are free until the first query tile: 64 keys x dp fit there
-  for (int64_t t = 0; t < L; ++t) {
-    if (t + kAhead < L) prefetch_row(q + (t + kAhead) * ld, d);
-    to_bf16_row(q + t * ld, d, a.q + t * dp);
-    if (dp > d) a.q[t * dp + d] = 0;
-  }
-  for (int64_t t0 = 0; t0 < L; t0 += 64) {
-    const int64_t tn = ro_min(64, L - t0);
-    for (int64_t t = 0; t < tn; ++t) {
-      if (t0 + t + kAhead < L) prefetch_row(kk + (t0 + t + kAhead) * ld, d);
-      to_bf16_row(kk + (t0 + t) * ld, d, kt + t * dp);
-      if (dp > d) kt[t * dp + d] = 0;
+  // queries: read in place (rows 3H apart) when d is even; an odd d is copied and zero-padded
+  const uint16_t* qa = q;
+  int64_t lq = ld;
+  if (dp != d) {
+    for (int64_t t = 0; t < L; ++t) {
+      std::memcpy(a.q + t * dp, q + t * ld, sizeof(uint16_t) * d);
+      a.q[t * dp + d] = 0;
     }
-    uint32_t* panel = reinterpret_cast<uint32_t*>(a.k + (t0 / 64) * 64 * dp);
-    const uint32_t* src = reinterpret_cast<const uint32_t*>(kt);
-    for (int64_t pr = 0; pr < dp / 2; ++pr)
-      for (int64_t t = 0; t < tn; ++t) panel[pr * 64 + t] = src[t * (dp / 2) + pr];
+    qa = a.q;
+    lq = dp;
+  }
+  // keys into the kernel's panels as 32-bit pairs of head dims (an odd d's last pair padded)
+  for (int64_t t = 0; t < L; ++t) {
+    if (t + kAhead < L) prefetch_row(kk + (t + kAhead) * ld, d);
+    const uint16_t* kr = kk + t * ld;
+    uint32_t* panel = reinterpret_cast<uint32_t*>(a.k + (t / 64) * 64 * dp) + t % 64;
+    for (int64_t pr = 0; pr < d / 2; ++pr) {
+      uint32_t pair;
+      std::memcpy(&pair, kr + 2 * pr, 4);
+      panel[pr * 64] = pair;
+    }
+    if (dp != d) panel[(d / 2) * 64] = kr[d - 1];
   }
   // values: lane c of a panel row holds (v[2r][c], v[2r+1][c]) as a bf16 pair
   for (int64_t r = 0; r < Lp / 2; ++r) {
-    const float* v0 = vv + 2 * r * ld;
+    const uint16_t* v0 = vv + 2 * r * ld;
     const bool two = 2 * r + 1 < L;
     if (2 * r + kAhead + 1 < L) {
       prefetch_row(v0 + kAhead * ld, d);
@@ -260,9 +258,8 @@ void attention_bf16(const AttentionArgs& g) {
     }
     for (int64_t c0 = 0; c0 < d; c0 += 16) {
       const __mmask16 mk = tail_mask(d - c0);
-      const __m512i lo = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, v0 + c0))));
-      const __m512i hi = two ? _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, v0 + ld + c0))))
-                             : _mm512_setzero_si512();
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, v0 + c0));
+      const __m512i hi = two ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, v0 + ld + c0)) : _mm512_setzero_si512();
       uint32_t* out = reinterpret_cast<uint32_t*>(a.v) + ((c0 / kVw) * (Lp / 2) + r) * kVw + c0 % kVw;
       _mm512_mask_storeu_epi32(out, mk, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
     }
@@ -278,7 +275,7 @@ void attention_bf16(const AttentionArgs& g) {
     const int64_t mt = ro_min(kQt, L - q0);
     for (int64_t r = 0; r < mt; r += kMr)
       for (int64_t kb = 0; kb < L64 / 64; ++kb)
-        block(ro_min(kMr, mt - r), scores, a.q + (q0 + r) * dp, dp, a.k + kb * 64 * dp, kb * 64, Epilogue::kBias, a.s + r * L64, L64);
+        block(ro_min(kMr, mt - r), scores, qa + (q0 + r) * lq, lq, a.k + kb * 64 * dp, kb * 64, Epilogue::kBias, a.s + r * L64, L64);
     for (int64_t i = 0; i < mt; ++i) {
       float* si = a.s + i * L64;
       scale_to_bf16(si, L, exp_row(si, L, scale), a.p + i * Lp, Lp);
@@ -313,6 +310,8 @@ void avx512_bf16_fill(IsaKernels& k) {
   k.gemm[static_cast<int>(Precision::kBf16)] = avx512_bf16::ro_gemm_kernel(avx512_bf16::kG, avx512_bf16::kNb, 1, false, 2, avx512_bf16::packed_bytes, avx512_bf16::pack, avx512_bf16::ro_quantize_bf16, avx512_bf16::gemm);
   k.linear_desc[static_cast<int>(Precision::kBf16)] = "bf16, AVX-512 BF16 vdpbf16ps (fp32 sums)";
   k.attention_desc[static_cast<int>(Precision::kBf16)] = "bf16 vdpbf16ps products, fp32 softmax";
+  k.attention_bf16_input[static_cast<int>(Precision::kInt8)] = true;  // the QKV GEMM writes bf16
+  k.attention_bf16_input[static_cast<int>(Precision::kBf16)] = true;
 }
 
 }  // namespace encoder

@@ -31,7 +31,10 @@ namespace encoder {
 // The paths, as oneDNN names its ISAs: each one is a cap that also runs on every CPU above it.
 enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx2Vnni = 2, kAvx512Vnni = 3, kAvx512Bf16 = 4, kAmx = 5, kNeon = 6, kNeonI8mm = 7 };
 enum class Precision : int { kInt8 = 0, kBf16 = 1, kFp32 = 2 };
-enum class Epilogue : int { kBias = 0, kBiasGelu = 1, kBiasGeluTanh = 2 };  // GELU exact (erf) or its tanh approximation
+// GELU exact (erf) or its tanh approximation; kBiasBf16: bias, then the rows are written as bf16
+// (uint16_t, round to nearest even) instead of fp32 -- the QKV matrix of a path whose attention
+// reads bf16 (IsaKernels::attention_bf16_input); only the GEMMs of such paths are given it.
+enum class Epilogue : int { kBias = 0, kBiasGelu = 1, kBiasGeluTanh = 2, kBiasBf16 = 3 };
 
 constexpr float kMaskedLogit = -10000.0f;
 
@@ -62,7 +65,8 @@ struct GemmKernel {
   // its scale to *scale. Null for fp32 (the GEMM reads the fp32 rows).
   void (*quantize_row)(const float* x, int64_t n, int64_t k_pad, void* out, float* scale);
   // Rows [m0, m1) x column blocks [nb0, nb1). a: activations, row stride lda elements;
-  // a_scale: per row (int8) or null. out row stride ldo floats.
+  // a_scale: per row (int8) or null. out row stride ldo elements (floats; uint16_t for kBiasBf16,
+  // out then points at bf16 rows).
   void (*gemm)(const LinearView& L, const void* a, int64_t lda, const float* a_scale, int64_t m0, int64_t m1, int64_t nb0,
                int64_t nb1, Epilogue ep, float* out, int64_t ldo);
 };
@@ -72,7 +76,7 @@ struct GemmKernel {
 
 // Scratch space for one head of attention (sized by the ISA, allocated by encoder.cpp).
 struct AttentionArgs {
-  const float* qkv;  // [rows, 3H]: Q | K | V columns, heads d wide
+  const float* qkv;  // [rows, 3H]: Q | K | V columns, heads d wide (null when qkv_bf16 is given)
   int64_t hidden;    // H
   int64_t row0;      // the window's first row
   int64_t length;    // L tokens
@@ -80,6 +84,7 @@ struct AttentionArgs {
   int64_t head_dim;  // d
   float* ctx;        // [rows, H]: ctx[t, head*d : head*d + d] is written
   void* scratch;     // attention_scratch_bytes(L, d) bytes, 64-byte aligned, reused
+  const uint16_t* qkv_bf16;  // the same matrix in bf16 where attention_bf16_input[p] (else null)
 };
 
 struct IsaKernels {
@@ -88,6 +93,9 @@ struct IsaKernels {
   GemmKernel gemm[3];       // by Precision; gemm[p].gemm == nullptr: precision not computed here
   const char* linear_desc[3];     // how each precision's linear layers run
   const char* attention_desc[3];  // how attention runs at each precision
+  // By precision: the QKV GEMM writes bf16 (Epilogue::kBiasBf16) and attention reads qkv_bf16,
+  // so attention on bf16 operands needs no conversion pass over the fp32 matrix.
+  bool attention_bf16_input[3];
   // Softmax(QK^T / sqrt d) V for one window and head, at the layer precision's attention.
   size_t (*attention_scratch_bytes)(Precision p, int64_t max_len, int64_t d);
   void (*attention)(Precision p, const AttentionArgs& args);
