@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engine.answering import WindowLimit, as_list, char_spans, decode, host_arrays, label_for, normalize_inputs, prepare, rank
-from engine.backends import BACKENDS, open_backend
+from engine.backends import BACKENDS, PRECISIONS, open_backend
 from engine.backends.base import check_logits
-from engine.bundle import PRECISIONS, Bundle, load_bundle
+from engine.bundle import Bundle, load_bundle
 from engine.errors import BackendUnavailableError, BundleError, CallCancelledError, EngineClosedError, InvalidInputError, brief
 from engine.options import DEFAULTS, AnswerOptions, check_int, option_arguments
 from engine.postprocess import Answer, Candidates, collect
@@ -42,10 +42,6 @@ STAGES = ("tokenize", "model", "decode")
 
 QuestionArg = str | Sequence[str]
 Result = Answer | list[Answer]
-
-# The bundle's model precisions, and bf16: computed from the fp32 model by a backend (OpenVINO)
-ENGINE_PRECISIONS = (*PRECISIONS, "bf16")
-
 
 class Engine:
     """A loaded bundle on one backend: tokenizer, model session and decoder, ready to answer.
@@ -75,8 +71,8 @@ class Engine:
                  max_windows: int | None = None, cpu_isa: str | None = None) -> None:
         if not isinstance(backend, str) or backend not in ("auto", *BACKENDS):
             raise InvalidInputError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}, got {brief(backend)}")
-        if precision is not None and precision not in ENGINE_PRECISIONS:
-            raise InvalidInputError(f"precision must be None or one of {', '.join(ENGINE_PRECISIONS)}, got {brief(precision)}")
+        if precision is not None and precision not in PRECISIONS:
+            raise InvalidInputError(f"precision must be None or one of {', '.join(PRECISIONS)}, got {brief(precision)}")
         max_batch_size = check_int("max_batch_size", max_batch_size, 1, 4096)
         if threads is not None:
             threads = check_int("threads", threads, 1, 1024)

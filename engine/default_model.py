@@ -42,7 +42,6 @@ DEFAULT_PRECISIONS = ("fp32", "int8")
 BUNDLE_RECIPE = 4
 # The same for the native bundle (engine/native_bundle.py).
 NATIVE_RECIPE = 1
-NATIVE_PRECISIONS = ("int8", "fp32")  # what "auto" runs on the native bundle (native's bf16 only when asked for)
 # Measured on all 10,570 SQuAD v1.1 dev questions, official scoring (MODEL_CARD.md), recorded in the manifest.
 MEASURED_ACCURACY = {
     "data": "SQuAD v1.1 dev, 10,570 questions, official scoring",
@@ -182,9 +181,10 @@ def uses_native_bundle(backend: str, precision: str | None) -> bool:
     installed (auto prefers those, and they need the ONNX bundle)."""
     if backend == "native":
         return True
-    if backend != "auto" or precision not in (None, *NATIVE_PRECISIONS):
+    from engine.backends.native import NativeCPU, auto_skip_reason
+
+    if backend != "auto" or precision not in (None, *NativeCPU.AUTO_PRECISIONS):  # native's bf16 only when asked for
         return False
-    from engine.backends.native import auto_skip_reason
 
     try:
         if auto_skip_reason() is not None:

@@ -189,3 +189,10 @@ def test_auto_raises_a_damaged_bundle_and_lists_every_reason_when_nothing_runs(b
     monkeypatch.setattr(backends, "AUTO_ORDER", ("missing", "slow-here"))
     with pytest.raises(BackendUnavailableError, match=r"no backend can run this bundle here:\n  missing: .*\n  slow-here: slower"):
         open_backend(bundle, "auto")
+
+
+def test_the_engine_takes_the_precisions_of_the_vocabulary(bundle: Bundle) -> None:
+    from engine.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="precision must be None or one of fp32, fp16, int8, bf16, got 'fp8'"):
+        Engine(bundle, precision="fp8")
