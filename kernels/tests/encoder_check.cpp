@@ -298,6 +298,7 @@ int main() {
   check_quantizers();
   run_model("bert 48/2/100", make_model(48, 48, 2, 100, 2, 0, 1));
   run_model("electra 32->48", make_model(32, 48, 3, 64, 1, 2, 2));
+  run_model("odd head 45/3/64", make_model(45, 45, 3, 64, 1, 0, 5));  // head size 15: odd, padded pairs
   Model tanh_gelu = make_model(48, 48, 2, 100, 2, 0, 4);  // ALBERT's activation: GELU's tanh approximation
   tanh_gelu.cfg.gelu_tanh = true;
   run_model("gelu_tanh 48/2/100", tanh_gelu);
