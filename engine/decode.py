@@ -192,7 +192,8 @@ def reference_span_search(
     stream: Any = None,
 ) -> Any:
     """The rule by brute force over all valid pairs, in NumPy: the oracle the decoders are tested
-    against (slow; host arrays only). Same arguments, results and errors as span_search."""
+    against (slow; host arrays only). Same arguments, results and errors as span_search (its
+    signature repeats span_search's on purpose: the tests call both with the same arguments)."""
     if stream is not None:
         raise ValueError("reference_span_search runs on the host; stream must be None")
     max_answer_len, top_k = _bounded("max_answer_len", max_answer_len, MAX_ANSWER_LEN), _bounded("top_k", top_k, MAX_TOP_K)

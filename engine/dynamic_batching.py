@@ -36,11 +36,10 @@ from engine.errors import (
     InvalidInputError,
     QueueFullError,
     RequestTimeoutError,
-    UnknownOptionError,
     WorkerDiedError,
     brief,
 )
-from engine.options import option_defaults
+from engine.options import option_defaults, reject_unknown
 
 __all__ = ["BatchingEngine", "QueueFullError", "RequestTimeoutError", "WorkerDiedError"]
 
@@ -217,9 +216,7 @@ class BatchingEngine:
             raise InvalidInputError("BatchingEngine.answer takes one question and one context (str); for lists of "
                                     "questions call Engine.answer_batch, which batches them already")
         normalize_inputs(question, context)  # type and emptiness errors belong to the caller, now
-        unknown = sorted(set(options) - set(_OPTION_DEFAULTS))
-        if unknown:
-            raise UnknownOptionError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(_OPTION_DEFAULTS)}")
+        reject_unknown(set(options) - set(_OPTION_DEFAULTS))
         full = {**_OPTION_DEFAULTS, **options}
         request = _Request(question, context, full, _options_key(full), concurrent.futures.Future())
         if self._pid != os.getpid():  # checked before taking a lock a parent thread may have held

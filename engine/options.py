@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import InitVar, dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ import numpy as np
 from engine.errors import InvalidInputError, UnknownOptionError, brief
 
 __all__ = ["ALIASES", "DEFAULTS", "MAX_TOKENS_OPTION", "MAX_TOP_K", "AnswerOptions", "check_bool", "check_int",
-           "check_number", "option_arguments", "option_defaults"]
+           "check_number", "option_arguments", "option_defaults", "reject_unknown"]
 
 MAX_TOP_K = 1000  # more answers than this per question is a mistake, not a request
 MAX_TOKENS_OPTION = 1 << 20  # the upper bound of the token-count options (max_answer_len, doc_stride, ...)
@@ -116,11 +116,7 @@ class AnswerOptions:
     def of_call(cls, arguments: Mapping[str, Any], unknown: Mapping[str, Any] | None = None) -> AnswerOptions:
         """The options of a call: ``arguments`` holds them by name (others are ignored, so a
         signature's ``locals()`` will do), ``unknown`` the names no signature knows (an error)."""
-        if unknown:
-            hints = "; ".join(f"{k}: {_HF_HINTS[k]}" for k in unknown if k in _HF_HINTS)
-            known = ", ".join(f"{n} (or {a})" if a else n for n, a in _names_with_aliases())
-            raise UnknownOptionError(f"unknown option(s) {', '.join(sorted(unknown))}" + (f" ({hints})" if hints else "")
-                                     + f"; known: {known}")
+        reject_unknown(unknown or ())
         return cls(**option_arguments(arguments))
 
     def resolve(self, max_seq_len: int, num_special: int) -> AnswerOptions:
@@ -150,6 +146,17 @@ def option_defaults() -> dict[str, Any]:
 def option_arguments(arguments: Mapping[str, Any]) -> dict[str, Any]:
     """The entries of ``arguments`` that are option names (aliases included)."""
     return {name: arguments[name] for name in _CALL_DEFAULTS if name in arguments}
+
+
+def reject_unknown(names: Iterable[str]) -> None:
+    """UnknownOptionError naming ``names`` (when there are any), with a hint for the Hugging Face
+    pipeline's names that mean something else here, and the names that are known."""
+    unknown = sorted(names)
+    if unknown:
+        hints = "; ".join(f"{k}: {_HF_HINTS[k]}" for k in unknown if k in _HF_HINTS)
+        known = ", ".join(f"{n} (or {a})" if a else n for n, a in _names_with_aliases())
+        raise UnknownOptionError(f"unknown option(s) {', '.join(unknown)}" + (f" ({hints})" if hints else "")
+                                 + f"; known: {known}")
 
 
 def _names_with_aliases() -> list[tuple[str, str | None]]:

@@ -54,8 +54,8 @@ HANDOFF = (
 )
 OPTION_INPUTS = {"TOP_K": "top_k", "MAX_ANSWER_LEN": "max_answer_len", "HANDLE_IMPOSSIBLE": "handle_impossible"}
 PAD_POSITION = -1  # START and END of the padding of a row with fewer than k answers
-Options = tuple[tuple[str, Any], ...]  # a row's answering options, sorted by name (hashable: rows group by them)
-Row = tuple[str, str, Options]  # question, context, options
+RowOptions = tuple[tuple[str, Any], ...]  # a row's answering options, sorted by name (hashable: rows group by them)
+Row = tuple[str, str, RowOptions]  # question, context, options
 
 
 def _pb_utils() -> Any:
@@ -206,7 +206,7 @@ class EngineStage:
                 rows[i] = self.rows(pb, request)
             except Exception as e:  # this request's error, never the others'
                 errors[i] = e
-        groups: dict[Options, list[tuple[int, int]]] = {}
+        groups: dict[RowOptions, list[tuple[int, int]]] = {}
         for i, request_rows in rows.items():
             for j, (_, _, options) in enumerate(request_rows):
                 groups.setdefault(options, []).append((i, j))
@@ -229,7 +229,7 @@ class EngineStage:
             responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(n, a) for n, a in arrays.items()]))
         return responses
 
-    def _answer(self, rows: dict[int, list[Row]], members: list[tuple[int, int]], options: Options
+    def _answer(self, rows: dict[int, list[Row]], members: list[tuple[int, int]], options: RowOptions
                 ) -> dict[tuple[int, int], list[Answer]]:
         """One Engine.answer_batch call for the rows ``members`` (request, row), which share ``options``."""
         ranked = self.engine.answer_batch([rows[i][j][0] for i, j in members], [rows[i][j][1] for i, j in members],

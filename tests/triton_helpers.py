@@ -118,6 +118,7 @@ def run_ensemble(repo: Path, pairs: list[tuple[str, str]]) -> list[FakeResponse]
     import onnxruntime as ort
 
     tokenize, decode = load_python_model(repo, TOKENIZE), load_python_model(repo, DECODE)
+    decode.stages.encoder = None  # decode answers from the tokenize step's HANDOFF tensors: it never tokenizes
     model_cfg = parse(repo, MODEL)
     requests = [FakeRequest(**strings(q, c)) for q, c in pairs]
     tokenized = tokenize.execute(requests)
