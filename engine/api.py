@@ -1,9 +1,11 @@
 """The runtime's public face: ``answer(question, context)`` and ``Engine``.
 
-One call flows one way: validate -> tokenize (engine.preprocess) -> windows sorted by length and
-padded per batch (engine.windows) -> backend -> span search (engine.decode, C++ or CUDA) ->
-answers (engine.postprocess). Questions are processed in groups of ``GROUP_SIZE`` and windows in
-batches of ``max_batch_size``, so memory stays bounded for 10,000 questions or a 1 MB context.
+One call flows one way: options checked (engine.options) -> inputs checked, tokenized and cut into
+doc-stride windows (engine.answering.prepare, engine.preprocess) -> windows sorted by length and
+padded per batch (engine.windows) -> backend (engine.backends) -> span search
+(engine.answering.decode: engine.decode, C++ or CUDA) -> answers (engine.answering.rank:
+engine.postprocess). Questions are processed in groups of ``GROUP_SIZE`` and windows in batches of
+``max_batch_size``, so memory stays bounded for 10,000 questions or a 1 MB context.
 """
 
 from __future__ import annotations
