@@ -332,7 +332,7 @@ def optimize_onnx(src: str | Path, dst: str | Path, spec: ModelSpec, *, skip_lay
     graphs only some fusions match, see ``Family.attention_fuses``). ``skip_layer_norm``
     fuses residual Add + LayerNormalization into SkipLayerNormalization: right for GPUs, wrong for
     the CPU graphs (fp32, int8), where ONNX Runtime 1.32's SkipLayerNormalization kernel is slower
-    than the two ops it replaces (see engine/backends/onnxruntime_cpu.py for the figures).
+    than the two ops it replaces (see engine/backends/_ort.py for the figures).
     """
     import onnx
 
